@@ -1,0 +1,176 @@
+"""Configuration of the three learner steps: dataclasses with defaults, validated once at the edge.
+
+A config comes from defaults, then an optional JSON file (`--config FILE`), then command-line
+options; `validate()` raises ConfigError naming the field. PPO defaults follow DeepSpeed-Chat's
+step-3 script where it has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serving.errors import ConfigError
+
+STEPS = ("sft", "reward", "ppo")
+
+
+@dataclass
+class DeepSpeedOptions:
+    zero_stage: int = 3                 # 0..3
+    dtype: str = "float32"              # float32 | bfloat16 (fp16 is refused: it overflows, see DS-Chat issues)
+    offload_optimizer: bool = False     # ZeRO-Offload of optimizer states to CPU
+    gradient_clipping: float = 1.0
+    num_ranks: int = 1                  # for `tandem learn`, which execs the deepspeed launcher
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError("dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        if self.gradient_clipping < 0:
+            raise ConfigError("gradient_clipping", f"must be >= 0, got {self.gradient_clipping}")
+        if self.num_ranks < 1:
+            raise ConfigError("num_ranks", f"must be >= 1, got {self.num_ranks}")
+
+
+@dataclass
+class LoraOptions:
+    lora_dim: int = 0                   # 0: no LoRA
+    lora_alpha: float = 16.0
+    lora_module_name: str = ""          # substring of module names to wrap ("" = all linear layers)
+    only_optimize_lora: bool = False
+
+    def validate(self) -> None:
+        if self.lora_dim < 0:
+            raise ConfigError("lora_dim", f"must be >= 0, got {self.lora_dim}")
+        if self.only_optimize_lora and self.lora_dim == 0:
+            raise ConfigError("lora_dim", "only_optimize_lora needs lora_dim > 0 (no LoRA weights to optimise)")
+
+
+@dataclass
+class CommonConfig:
+    model: str = ""                     # local HF folder; "" = the embedded default model
+    tokenizer: str = ""                 # "" = the model folder's tokenizer
+    data: list[str] = field(default_factory=lambda: ["embedded"])  # dataset specs, blended
+    data_split: str = "2,4,4"           # DeepSpeed-Chat rule: proportions for steps 1, 2, 3
+    output_dir: str = "runs/default"
+    seed: int = 1234
+    max_seq_len: int = 256
+    epochs: int = 1
+    max_steps: int = 0                  # 0 = run the epochs
+    batch_size: int = 8                 # per rank
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    eval_fraction: float = 0.1          # held out from this step's data for evaluation
+    log_every: int = 10
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+
+    def validate(self) -> "CommonConfig":
+        if not self.data:
+            raise ConfigError("data", "at least one dataset spec is required")
+        try:
+            parts = [float(p) for p in self.data_split.split(",")]
+        except ValueError:
+            raise ConfigError("data_split", f"must be comma-separated numbers, got {self.data_split!r}") from None
+        if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+            raise ConfigError("data_split", f"must be three non-negative numbers with a positive sum, got {self.data_split!r}")
+        for name in ("max_seq_len", "epochs", "batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        self.deepspeed.validate()
+        self.lora.validate()
+        return self
+
+
+@dataclass
+class SFTConfig(CommonConfig):
+    output_dir: str = "runs/default/sft"
+    mask_prompt: bool = True            # loss on the response tokens only
+
+
+@dataclass
+class RewardConfig(CommonConfig):
+    output_dir: str = "runs/default/reward"
+    learning_rate: float = 5e-5
+
+
+@dataclass
+class PPOConfig(CommonConfig):
+    output_dir: str = "runs/default/ppo"
+    actor_model: str = ""               # "" = <run>/sft
+    critic_model: str = ""              # "" = <run>/reward (the critic starts from the reward model)
+    reward_model: str = ""              # "" = <run>/reward
+    rollout: str = "local"              # local (HF generate in the learner) | remote (the generation server)
+    server: str = ""                    # host:port for rollout = remote
+    iterations: int = 20                # PPO iterations (one rollout batch each)
+    rollout_batch_size: int = 16        # prompts per iteration (per rank)
+    max_prompt_len: int = 128
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    actor_learning_rate: float = 9.65e-6
+    critic_learning_rate: float = 5e-6
+    ppo_epochs: int = 1                 # passes over one rollout batch
+    mini_batch_size: int = 8
+    kl_coef: float = 0.1                # DS-Chat kl_ctl
+    adaptive_kl: bool = False           # Ziegler et al. controller towards target_kl
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    clip_reward_value: float = 5.0
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    normalize_reward: bool = False      # running mean/std of the reward score
+    ema_decay: float = 0.0              # 0 = no EMA copy; DS-Chat uses 0.992
+    ptx_coef: float = 0.0               # DS-Chat unsup_coef is 27.8 with its own data
+    ptx_data: list[str] = field(default_factory=list)
+    max_staleness: int = 1              # remote rollout: weight versions a sample may lag
+    push_weights: bool = False          # remote rollout: push actor weights to the server
+    push_quantize: str = "none"         # none | int8 | int4
+
+    def validate(self) -> "PPOConfig":
+        super().validate()
+        if self.rollout not in ("local", "remote"):
+            raise ConfigError("rollout", f"must be local or remote, got {self.rollout!r}")
+        if self.rollout == "remote" and not self.server:
+            raise ConfigError("server", "rollout=remote needs server HOST:PORT")
+        for name in ("iterations", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "ppo_epochs",
+                     "mini_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("actor_learning_rate", "critic_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ConfigError("temperature", f"must be > 0 for PPO sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        for name in ("kl_coef", "clip_reward_value", "cliprange", "cliprange_value", "ptx_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError("gamma" if not 0 <= self.gamma <= 1 else "lam", "must be in [0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("ptx_data", "ptx_coef > 0 needs ptx_data (plain-text datasets)")
+        if self.push_quantize not in ("none", "int8", "int4"):
+            raise ConfigError("push_quantize", f"must be none, int8 or int4, got {self.push_quantize!r}")
+        if self.max_staleness < 0:
+            raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
+        return self
+
+
+CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
