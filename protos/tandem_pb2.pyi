@@ -185,20 +185,24 @@ class Experience(_message.Message):
     def __init__(self, rollout_id: _Optional[str] = ..., prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., weight_version: _Optional[int] = ..., response_text: _Optional[str] = ...) -> None: ...
 
 class WeightHeader(_message.Message):
-    __slots__ = ("version", "origin", "lora", "lora_scale", "num_tensors", "checksum")
+    __slots__ = ("version", "origin", "lora", "lora_scale", "num_tensors")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     LORA_SCALE_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     version: int
     origin: str
     lora: bool
     lora_scale: float
     num_tensors: int
+    def __init__(self, version: _Optional[int] = ..., origin: _Optional[str] = ..., lora: _Optional[bool] = ..., lora_scale: _Optional[float] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+
+class WeightCommit(_message.Message):
+    __slots__ = ("checksum",)
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     checksum: str
-    def __init__(self, version: _Optional[int] = ..., origin: _Optional[str] = ..., lora: _Optional[bool] = ..., lora_scale: _Optional[float] = ..., num_tensors: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
+    def __init__(self, checksum: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "shape", "dtype", "block_size", "data", "scales", "offset", "last")
@@ -221,21 +225,25 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offset: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
-    __slots__ = ("header", "tensor")
+    __slots__ = ("header", "tensor", "commit")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     header: WeightHeader
     tensor: TensorChunk
-    def __init__(self, header: _Optional[_Union[WeightHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    commit: WeightCommit
+    def __init__(self, header: _Optional[_Union[WeightHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[WeightCommit, _Mapping]] = ...) -> None: ...
 
 class PushResult(_message.Message):
-    __slots__ = ("version", "bytes_received", "stage_s", "swap_s")
+    __slots__ = ("version", "bytes_received", "tensors", "stage_s", "swap_s")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     STAGE_S_FIELD_NUMBER: _ClassVar[int]
     SWAP_S_FIELD_NUMBER: _ClassVar[int]
     version: int
     bytes_received: int
+    tensors: int
     stage_s: float
     swap_s: float
-    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., stage_s: _Optional[float] = ..., swap_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors: _Optional[int] = ..., stage_s: _Optional[float] = ..., swap_s: _Optional[float] = ...) -> None: ...
