@@ -8,6 +8,7 @@ from serving.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULING_MODES = ("splitfuse", "separate")
 
 
 @dataclass
@@ -23,6 +24,8 @@ class EngineConfig:
     max_model_len: int = 0            # 0: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     seed: int = 0                     # seeds requests that give no seed of their own
+    scheduling: str = "splitfuse"     # splitfuse: decode + prompt chunks fused in every pass;
+                                      # separate: prefill-only and decode-only passes (the ablation baseline)
 
     def validate(self) -> "EngineConfig":
         if not self.model:
@@ -31,6 +34,8 @@ class EngineConfig:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.scheduling not in SCHEDULING_MODES:
+            raise ConfigError("scheduling", f"must be one of {', '.join(SCHEDULING_MODES)}, got {self.scheduling!r}")
         for name in ("token_budget", "block_size", "max_num_seqs"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
