@@ -1,0 +1,1 @@
+"""Building blocks shared by the serving models: paged attention, rotary embedding, norms, activations."""

@@ -1,0 +1,154 @@
+"""Paged attention over a ragged batch, and the per-pass metadata that all layers share.
+
+The KV cache of one layer is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+Position p of a sequence lives at slot block_table[p // block_size] * block_size + p % block_size.
+
+One forward pass carries single-token chunks (decodes) and multi-token chunks (prompt pieces), all
+flattened into one batch of T tokens. The single-token chunks are attended in ONE padded call: their
+sequences' blocks are gathered to [B, max_blocks * block_size] keys with a key-padding mask. Each
+multi-token chunk gets one call with a causal mask shifted by its start position (plain `is_causal`
+over its own keys when it starts at position 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from serving.batch import ScheduledChunk
+
+
+@dataclass
+class PrefillChunk:
+    """A multi-token chunk: its slice of the flat batch and what its attention call needs."""
+
+    begin: int                   # first token of the chunk in the flat batch
+    end: int
+    start_pos: int               # tokens of the sequence already cached before this chunk
+    block_ids: torch.Tensor      # blocks covering positions [0, start_pos + n) (unused when start_pos == 0)
+    mask: torch.Tensor | None    # [n, start_pos + n] additive causal mask, None when start_pos == 0
+
+
+@dataclass
+class AttentionMetadata:
+    """Index tensors for one forward pass, built once and used by every layer."""
+
+    num_tokens: int
+    slot_mapping: torch.Tensor          # [T] cache slot of each new token
+    decode_token_index: torch.Tensor    # [B] positions in the flat batch of the single-token chunks
+    decode_is_prefix: bool              # the single-token chunks are exactly tokens [0, B)
+    decode_block_tables: torch.Tensor   # [B * max_blocks] flattened block tables (padded with block 0)
+    decode_mask: torch.Tensor           # [B, 1, 1, max_blocks * block_size] additive: 0 attend, -inf padding
+    prefills: list[PrefillChunk]
+
+    @staticmethod
+    def build(chunks: list[ScheduledChunk], block_size: int, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> "AttentionMetadata":
+        slots: list[np.ndarray] = []
+        decode_rows: list[int] = []
+        decode_chunks: list[ScheduledChunk] = []
+        prefills: list[PrefillChunk] = []
+        offset = 0
+        for chunk in chunks:
+            n, start = chunk.num_tokens, chunk.start_pos
+            table = chunk.block_table
+            if n < 1 or len(table) * block_size < start + n:
+                raise ValueError(f"chunk of seq {chunk.seq_id}: {n} tokens at {start} do not fit its "
+                                 f"{len(table)} blocks of {block_size}")
+            if n == 1:
+                slots.append(np.array([table[start // block_size] * block_size + start % block_size]))
+                decode_rows.append(offset)
+                decode_chunks.append(chunk)
+            else:
+                pos = np.arange(start, start + n)
+                slots.append(np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size)
+                num_blocks = (start + n + block_size - 1) // block_size
+                block_ids = torch.tensor(table[:num_blocks], dtype=torch.long, device=device)
+                mask = None
+                if start > 0:
+                    allowed = torch.ones(n, start + n, dtype=torch.bool, device=device).tril(start)
+                    mask = _additive(allowed, dtype)
+                prefills.append(PrefillChunk(offset, offset + n, start, block_ids, mask))
+            offset += n
+        slot_mapping = torch.from_numpy(np.concatenate(slots).astype(np.int64)).to(device)
+        tables, mask = _decode_tables(decode_chunks, block_size, device, dtype)
+        is_prefix = decode_rows == list(range(len(decode_rows)))
+        return AttentionMetadata(offset, slot_mapping, torch.tensor(decode_rows, dtype=torch.long, device=device),
+                                 is_prefix, tables, mask, prefills)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as an additive bias, made once per pass instead of inside every layer."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _decode_tables(chunks: list[ScheduledChunk], block_size: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded block tables [B, max_blocks] and the key mask of the single-token chunks."""
+    if not chunks:
+        return torch.empty(0, 0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.bool, device=device)
+    context = np.array([c.start_pos + 1 for c in chunks], dtype=np.int64)
+    blocks = (context + block_size - 1) // block_size
+    tables = np.zeros((len(chunks), int(blocks.max())), dtype=np.int64)
+    for row, (chunk, count) in enumerate(zip(chunks, blocks.tolist())):
+        tables[row, :count] = chunk.block_table[:count]
+    keys = np.arange(tables.shape[1] * block_size)
+    mask = keys[None, :] < context[:, None]
+    return (torch.from_numpy(tables.reshape(-1)).to(device),
+            _additive(torch.from_numpy(mask).to(device), dtype).view(len(chunks), 1, 1, -1))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
+    """Write k/v [T, Hkv, D] to the cache, then attend q [T, H, D]; returns [T, H * D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+    num_decode = meta.decode_token_index.numel()
+    if num_decode == num_tokens:
+        return _decode(q, k_cache, v_cache, meta, scale).view(num_tokens, num_heads * head_dim)
+    out = q.new_empty(num_tokens, num_heads * head_dim)
+    if num_decode:
+        q_dec = q[:num_decode] if meta.decode_is_prefix else q.index_select(0, meta.decode_token_index)
+        dec = _decode(q_dec, k_cache, v_cache, meta, scale).view(num_decode, -1)
+        if meta.decode_is_prefix:
+            out[:num_decode] = dec
+        else:
+            out.index_copy_(0, meta.decode_token_index, dec)
+    groups = num_heads // num_kv_heads
+    for chunk in meta.prefills:
+        q_c = q[chunk.begin:chunk.end].transpose(0, 1)
+        if chunk.mask is None:
+            k_c, v_c = k[chunk.begin:chunk.end].transpose(0, 1), v[chunk.begin:chunk.end].transpose(0, 1)
+        else:
+            length = chunk.mask.shape[1]
+            k_c = k_cache.index_select(0, chunk.block_ids).view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
+            v_c = v_cache.index_select(0, chunk.block_ids).view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
+        if groups > 1:  # explicit copies: `enable_gqa` would drop SDPA to its slow math path on CPU
+            k_c, v_c = k_c.repeat_interleave(groups, 0), v_c.repeat_interleave(groups, 0)
+        # 4-D inputs: SDPA's fused CPU kernel takes only those (3-D ones fall back to the math path)
+        o = F.scaled_dot_product_attention(q_c[None], k_c[None], v_c[None], attn_mask=chunk.mask,
+                                           is_causal=chunk.mask is None, scale=scale)
+        out[chunk.begin:chunk.end] = o[0].transpose(0, 1).reshape(chunk.end - chunk.begin, -1)
+    return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float | None) -> torch.Tensor:
+    """One padded attention call for all single-token chunks: q [B, H, D] -> [B, H, D].
+
+    The query heads sharing a KV head are laid out as that head's "query length" (GQA without copies)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    tables = meta.decode_block_tables
+    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask, scale=scale)
+    return out.reshape(batch, num_heads, head_dim)

@@ -1,0 +1,87 @@
+"""What every serving model shares: HF-named parameters, checkpoint loading, and the logits head.
+
+Models keep HF's parameter names and shapes (`model.layers.0.self_attn.q_proj.weight`, GPT-2's Conv1D
+`[in, out]` matrices), so a HF state dict maps onto them by name and weight pushes need no renaming.
+A model's forward takes the flat batch: input_ids [T], positions [T], the pass's AttentionMetadata and
+the per-layer KV caches, and returns hidden states [T, hidden].
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from serving.errors import ConfigError, FieldError
+
+logger = logging.getLogger(__name__)
+
+
+class CausalLM(nn.Module):
+    """Base of the serving models: HF-named parameters, checked weight writes, the LM head."""
+
+    lm_head: nn.Linear
+    tied: bool = False  # the LM head shares the input embedding matrix
+
+    def input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def tie_weights(self) -> None:
+        """(Re)tie the LM head to the input embeddings; needed after moving a meta-built model."""
+        if self.tied:
+            self.lm_head.weight = self.input_embeddings().weight
+
+    def hf_name(self, name: str) -> str | None:
+        """The parameter name a checkpoint tensor name maps to (None: not a parameter, skip it)."""
+        return None if name.endswith("rotary_emb.inv_freq") else name
+
+    def parameter_table(self) -> dict[str, nn.Parameter]:
+        """Every parameter by HF name; a tied matrix appears under both of its names."""
+        return dict(self.named_parameters(remove_duplicate=False))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def after_load(self) -> None:
+        """Rebuild derived buffers (rotary tables) once the weights are on their device."""
+
+    def check_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Pair each tensor with its parameter, raising FieldError naming the first bad one; writes nothing."""
+        table = self.parameter_table()
+        pairs = []
+        for raw_name, tensor in named_tensors:
+            name = self.hf_name(raw_name)
+            if name is None:
+                continue
+            param = table.get(name)
+            if param is None:
+                raise FieldError(raw_name, f"unknown parameter for {type(self).__name__}")
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                raise FieldError(raw_name, f"must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor))}")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise FieldError(raw_name, f"shape {tuple(tensor.shape)} does not match {tuple(param.shape)}")
+            pairs.append((param, tensor))
+        return pairs
+
+    @torch.no_grad()
+    def write_weights(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        for param, tensor in pairs:
+            param.copy_(tensor.to(param.device, param.dtype))
+
+    def load_checkpoint(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load a whole checkpoint; every parameter must be covered (tied matrices by either name)."""
+        table = self.parameter_table()
+        loaded: set[int] = set()
+        for name, tensor in named_tensors:
+            if self.hf_name(name) is not None and self.hf_name(name) not in table:
+                logger.warning("checkpoint tensor %s is not a parameter of %s; ignored", name, type(self).__name__)
+                continue
+            pairs = self.check_weights([(name, tensor)])
+            self.write_weights(pairs)
+            loaded.update(id(param) for param, _ in pairs)
+        missing = [n for n, p in table.items() if id(p) not in loaded]
+        if missing:
+            raise ConfigError("model", f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        self.after_load()
