@@ -1,0 +1,39 @@
+"""What the engine hands back: per-request outputs (deltas + totals) and engine statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestOutput:
+    """One request's progress after a step: what is new since its previous output, and everything so far.
+
+    Concatenating every `new_text` of a request gives its final `text` (stop strings are cut and
+    never leaked into a delta). `logprobs` are of the sampled tokens under the raw model distribution.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    new_token_ids: list[int]
+    new_logprobs: list[float]
+    new_text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finished: bool
+    finish_reason: str | None     # "stop" | "length" | None while running
+    weight_version: int
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    block_size: int
+    token_budget: int
+    requests_finished: int
+    tokens_generated: int
+    max_model_len: int
