@@ -1,0 +1,108 @@
+"""The synchronous Python client of a tandem generation server.
+
+    with TandemClient("127.0.0.1:50051") as client:
+        client.wait_ready(30)
+        [completion] = client.generate("Once upon a time", temperature=0, max_new_tokens=32)
+        for delta in client.generate_stream("Once upon a time", max_new_tokens=32):
+            print(delta.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.results import (Completion, Delta, PromptLike, Status, TandemError, build_request)
+from protos import tandem_pb2, tandem_pb2_grpc
+
+SERVICE_NAME = "tandem.v1.Generation"
+
+
+class TandemClient:
+    """Unary and streaming generation, status and readiness over one gRPC channel.
+
+    `timeout` is the default deadline of every call in seconds (None: no deadline); each method
+    takes its own `timeout=` too. Failed calls raise TandemError (its `.code` is the gRPC status).
+    """
+
+    def __init__(self, target: str, timeout: float | None = None):
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target)
+        self._stub = tandem_pb2_grpc.GenerationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate(self, prompts: PromptLike | Sequence[PromptLike], *, request_id: str = "",
+                 timeout: float | None = None, **params) -> list[Completion]:
+        """Complete one prompt or a batch (a str or a list of ints is one prompt); one Completion each,
+        in prompt order. Sampling options: temperature, top_p, top_k, seed, max_new_tokens,
+        min_new_tokens, ignore_eos, stop_token_ids, stop."""
+        request = build_request(prompts, params, request_id)
+        try:
+            response = self._stub.Generate(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise TandemError.from_rpc(self.target, err) from None
+        return [Completion.from_proto(c) for c in response.completions]
+
+    def generate_stream(self, prompts: PromptLike | Sequence[PromptLike], *, request_id: str = "",
+                        timeout: float | None = None, **params) -> Iterator[Delta]:
+        """Stream the completion(s) as Deltas (`.index` tells batch members apart). Closing the
+        iterator early (break, or `.close()`) cancels the request on the server."""
+        request = build_request(prompts, params, request_id)
+        call = self._stub.GenerateStream(request, timeout=self._deadline(timeout))
+        try:
+            for msg in call:
+                yield Delta.from_proto(msg)
+        except grpc.RpcError as err:
+            raise TandemError.from_rpc(self.target, err) from None
+        finally:
+            call.cancel()            # no-op after a normal end; frees the server's blocks otherwise
+
+    def status(self, timeout: float | None = None) -> Status:
+        try:
+            msg = self._stub.GetStatus(tandem_pb2.StatusRequest(), timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise TandemError.from_rpc(self.target, err) from None
+        return Status.from_proto(msg)
+
+    def health(self, service: str = SERVICE_NAME, timeout: float | None = None) -> str:
+        """The health status name ("SERVING", "NOT_SERVING", ...) the server reports for `service`."""
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                          timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise TandemError.from_rpc(self.target, err) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server reports SERVING; raise TimeoutError naming the server otherwise."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.target} not ready after {timeout:.1f} s ({last})")
+            try:
+                response = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                              timeout=min(left, 5.0), wait_for_ready=True)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            except grpc.RpcError as err:
+                last = f"{err.code().name}: {err.details()}"
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "TandemClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
