@@ -65,6 +65,10 @@ class CommonConfig:
     warmup_steps: int = 0
     eval_fraction: float = 0.1          # held out from this step's data for evaluation
     log_every: int = 10
+    save_every: int = 0                 # optimizer steps between resumable DeepSpeed checkpoints (0 = at the end only)
+    resume: bool = False                # continue from <output_dir>/resume when a checkpoint is there
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    cache_dir: str = ""                 # tokenized-data cache; "" = $TANDEM_CACHE/tokenized or ~/.cache/tandem/tokenized
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
 
@@ -80,7 +84,7 @@ class CommonConfig:
         for name in ("max_seq_len", "epochs", "batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps"):
+        for name in ("max_steps", "warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -96,6 +100,7 @@ class CommonConfig:
 class SFTConfig(CommonConfig):
     output_dir: str = "runs/default/sft"
     mask_prompt: bool = True            # loss on the response tokens only
+    sft_only_data: list[str] = field(default_factory=list)  # DS-Chat --sft_only_data_path: all of it to step 1
 
 
 @dataclass
@@ -139,6 +144,7 @@ class PPOConfig(CommonConfig):
     max_staleness: int = 1              # remote rollout: weight versions a sample may lag
     push_weights: bool = False          # remote rollout: push actor weights to the server
     push_quantize: str = "none"         # none | int8 | int4
+    gold_eval_prompts: int = 64         # held-out prompts scored by the gold judge (embedded task)
 
     def validate(self) -> "PPOConfig":
         super().validate()
@@ -168,6 +174,8 @@ class PPOConfig(CommonConfig):
             raise ConfigError("ptx_data", "ptx_coef > 0 needs ptx_data (plain-text datasets)")
         if self.push_quantize not in ("none", "int8", "int4"):
             raise ConfigError("push_quantize", f"must be none, int8 or int4, got {self.push_quantize!r}")
+        if self.gold_eval_prompts < 1:
+            raise ConfigError("gold_eval_prompts", f"must be >= 1, got {self.gold_eval_prompts}")
         if self.max_staleness < 0:
             raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
         return self

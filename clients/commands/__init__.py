@@ -10,4 +10,6 @@ COMMANDS = (
     "chat",
     "status",
     "promote",
+    "learn",
+    "plot",
 )

@@ -1,0 +1,151 @@
+"""DeepSpeed plumbing: process group, the config dict, and engines (trainable or frozen).
+
+Everything here avoids DeepSpeed's hidden g++ compiles on CPU (see ENVIRONMENT.md): the shared-memory
+comm op is switched off before `init_distributed`, and the optimizer is torch's AdamW
+(`"torch_adam": true`), also under optimizer offload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from learner.config import DeepSpeedOptions
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join (or create) the process group; idempotent.
+
+    Under the `deepspeed`/`torchrun` launchers the environment is already set. A plain single process gets
+    RANK=0, WORLD_SIZE=1, LOCAL_RANK=0 and a free loopback port, so DeepSpeed does not look for MPI.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a 35-68 s g++ compile otherwise
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("LOCAL_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    log.debug("process group ready: rank %s of %s (%s)", rank(), world_size(), backend)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def device() -> torch.device:
+    """The device this rank computes on (its GPU when there is one, else the CPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def torch_dtype(opts: DeepSpeedOptions) -> torch.dtype:
+    return DTYPES[opts.dtype]
+
+
+def ds_config(opts: DeepSpeedOptions, batch_size: int, grad_accum: int, lr: float, weight_decay: float,
+              *, warmup_steps: int = 0) -> dict:
+    """The DeepSpeed config dict for a trainable engine (micro batch `batch_size` per rank)."""
+    zero: dict = {"stage": opts.zero_stage}
+    if opts.zero_stage == 3:
+        # small models: keep tiny tensors whole instead of partitioning them (DeepSpeed-Chat's values)
+        zero.update({"stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7,
+                     "stage3_prefetch_bucket_size": 3e7})
+    if opts.offload_optimizer:
+        if opts.zero_stage == 0:
+            from serving.errors import ConfigError
+            raise ConfigError("offload_optimizer", "needs zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": batch_size * grad_accum * world_size(),
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
+                                                  "betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True}},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": opts.gradient_clipping,
+        "bf16": {"enabled": opts.dtype == "bfloat16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if warmup_steps > 0:
+        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                              "warmup_num_steps": warmup_steps,
+                                                              "warmup_type": "linear"}}
+    return config
+
+
+def frozen_config(opts: DeepSpeedOptions, batch_size: int) -> dict:
+    """Config for a frozen ZeRO-3 model (reference, reward, EMA): partitioned, no optimizer."""
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "train_batch_size": batch_size * world_size(),
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4},
+        "bf16": {"enabled": opts.dtype == "bfloat16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+    }
+
+
+def init_engine(model: nn.Module, opts: DeepSpeedOptions, *, batch_size: int, grad_accum: int, lr: float,
+                weight_decay: float, trainable: Iterable[nn.Parameter] | None = None, warmup_steps: int = 0):
+    """Wrap `model` in a training DeepSpeedEngine (torch AdamW; only `trainable` params, default all with grad)."""
+    import deepspeed
+
+    init_distributed()
+    params = list(trainable) if trainable is not None else [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("init_engine: the model has no trainable parameters")
+    config = ds_config(opts, batch_size, grad_accum, lr, weight_decay, warmup_steps=warmup_steps)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    return engine
+
+
+def init_frozen(model: nn.Module, opts: DeepSpeedOptions, *, batch_size: int):
+    """A frozen model in eval mode: an optimizer-less engine partitioned under ZeRO-3 (as DeepSpeed-Chat
+    does for its reference and reward models), else the plain module on this rank's device."""
+    import deepspeed
+
+    init_distributed()
+    model.requires_grad_(False)
+    if opts.zero_stage != 3:
+        return model.to(device=device(), dtype=torch_dtype(opts)).eval()
+    engine, *_ = deepspeed.initialize(model=model, config=frozen_config(opts, batch_size))
+    engine.eval()
+    return engine
+
+
+def unwrap(engine_or_model) -> nn.Module:
+    """The module inside a DeepSpeedEngine (or the module itself)."""
+    return getattr(engine_or_model, "module", engine_or_model)

@@ -1,0 +1,40 @@
+"""An exponential moving average of the actor (DeepSpeed-Chat's actor_ema), saved as its own checkpoint.
+
+The copy is a frozen engine (partitioned like the actor under ZeRO-3). Each update gathers one parameter
+of each model at a time, never the whole model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from learner import ds
+
+
+class ActorEMA:
+    """ema <- decay * ema + (1 - decay) * actor, parameter by parameter."""
+
+    def __init__(self, ema_engine, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.engine, self.decay, self.updates = ema_engine, decay, 0
+
+    @property
+    def module(self) -> nn.Module:
+        return ds.unwrap(self.engine)
+
+    @torch.no_grad()
+    def update(self, actor, decay: float | None = None) -> None:
+        """One EMA step (decay=0 copies the actor)."""
+        import deepspeed
+
+        decay = self.decay if decay is None else decay
+        actor_params = list(ds.unwrap(actor).parameters())
+        ema_params = list(self.module.parameters())
+        if len(actor_params) != len(ema_params):
+            raise RuntimeError("the EMA copy and the actor have different parameters")
+        for param, ema_param in zip(actor_params, ema_params):
+            with deepspeed.zero.GatheredParameters([param, ema_param], modifier_rank=0):
+                ema_param.data.copy_(torch.lerp(param.data.to(ema_param.dtype), ema_param.data, decay))
+        self.updates += int(decay > 0)

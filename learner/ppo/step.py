@@ -1,0 +1,155 @@
+"""Step 3: `run_ppo(config)`: load the four models, draw prompts, and run PPO iterations.
+
+Checkpoints under config.output_dir: `actor/` (the consolidated HF folder the server loads), `critic/`
+(value model), `actor_ema/` (when ema_decay > 0), and resumable DeepSpeed checkpoints in `resume/`.
+On the embedded task the gold score of greedy responses on held-out prompts is measured before and
+after PPO (the gold judge is hidden from training; compare it with the learned reward score).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from learner import checkpoint, ds
+from learner.config import PPOConfig
+from learner.data import CausalLMCollator, PromptDataset, TextDataset, load_dataset
+from learner.metrics import MetricsLogger
+from learner.ppo.gold import GoldJudge, gold_judge_for
+from learner.ppo.models import PPOModels, load_models
+from learner.ppo.prompts import PromptStream
+from learner.ppo.rollout import LocalRolloutSource, RolloutSource, SamplingParams
+from learner.ppo.trainer import PPOTrainer
+from learner.runtime import all_sum, cache_dir, check_inputs, loader, seed_everything, step_samples
+from serving.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+AfterIteration = Callable[[int, PPOModels, dict], None]
+
+
+def _ptx_batches(config: PPOConfig, tokenizer):
+    """An endless iterator of ptx (plain-text LM) batches, or None when ptx_coef is 0."""
+    if config.ptx_coef <= 0:
+        return None
+    samples = [s for spec in config.ptx_data for s in load_dataset(spec, seed=config.seed).samples]
+    dataset = TextDataset(samples, tokenizer, config.max_seq_len, cache_dir(config))
+    if len(dataset) == 0:
+        raise ConfigError("ptx_data", f"no usable text in {config.ptx_data}")
+    batches = loader(dataset, CausalLMCollator(tokenizer.pad_token_id), config.mini_batch_size, shuffle=True,
+                     seed=config.seed)
+
+    def cycle():
+        epoch = 0
+        while True:
+            batches.sampler.set_epoch(epoch)
+            yield from batches
+            epoch += 1
+
+    return cycle()
+
+
+def _save(models: PPOModels, trainer: PPOTrainer, tokenizer, out: Path, iteration: int) -> dict[str, str]:
+    state = {"iteration": iteration, **trainer.state_dict()}
+    checkpoint.save_resumable(models.actor, out / "resume" / "actor", f"iter{iteration}", state)
+    checkpoint.save_resumable(models.critic, out / "resume" / "critic", f"iter{iteration}", state)
+    paths = {"checkpoint": str(checkpoint.save_hf(models.actor, tokenizer, out / "actor")),
+             "critic_checkpoint": str(checkpoint.save_hf(models.critic, tokenizer, out / "critic", value_head=True))}
+    if models.ema is not None:
+        paths["ema_checkpoint"] = str(checkpoint.save_hf(models.ema.engine, tokenizer, out / "actor_ema"))
+    return paths
+
+
+def _resume(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, out: Path) -> int:
+    """The iteration to start from (0 unless config.resume finds checkpoints)."""
+    if not config.resume:
+        return 0
+    actor_state = checkpoint.load_resumable_state(models.actor, out / "resume" / "actor")
+    if actor_state is None:
+        return 0
+    if checkpoint.load_resumable_state(models.critic, out / "resume" / "critic") is None:
+        raise RuntimeError(f"{out / 'resume'}: an actor checkpoint without its critic")
+    tag, state = actor_state
+    trainer.load_state_dict(state)
+    log.info("ppo: resumed from %s (iteration %d)", tag, state["iteration"])
+    return int(state["iteration"])
+
+
+def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
+            after_iteration: AfterIteration | None = None) -> dict:
+    """Train step 3 and return the final metrics. `rollout_source` defaults to local HF generate on the
+    actor (rollout="remote" needs one passed in); `after_iteration(i, models, metrics)` runs after each
+    iteration (e.g. to push the actor's weights to the server)."""
+    config.validate()
+    check_inputs(config, ("actor_model", "critic_model", "reward_model", "tokenizer"))
+    ds.init_distributed()
+    seed_everything(config.seed)        # the same random heads and LoRA weights on every rank
+    models = load_models(config)
+    seed_everything(config.seed + 1000 * (ds.rank() + 1))  # then different samples on each rank
+    tokenizer = models.tokenizer
+    train_samples, _ = step_samples(config, "ppo")
+    prompts = PromptStream(PromptDataset(train_samples, tokenizer, config.max_prompt_len, cache_dir(config)),
+                           config.rollout_batch_size, config.seed)
+    if rollout_source is None:
+        if config.rollout == "remote":
+            raise ConfigError("rollout", "rollout=remote needs the generation server's rollout source "
+                                         "(learner.ppo.step.run_ppo(config, rollout_source=...))")
+        rollout_source = LocalRolloutSource(models.actor, tokenizer)
+    trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward,
+                         tokenizer.pad_token_id, ema=models.ema, ptx_batches=_ptx_batches(config, tokenizer))
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                            top_p=config.top_p)
+    gold: GoldJudge | None = gold_judge_for(config, tokenizer)
+    out = Path(config.output_dir)
+    result: dict = {"prompts": len(prompts.dataset)}
+    start = _resume(config, models, trainer, out)
+    with MetricsLogger(out) as metrics:
+        if gold is not None:
+            result["gold_before"] = gold.evaluate(models.actor)
+            metrics.log(start, gold_eval=result["gold_before"])
+            log.info("ppo: gold score of greedy responses before PPO: %.2f", result["gold_before"])
+        bar = tqdm(range(start, config.iterations), desc="ppo", disable=ds.rank() != 0, dynamic_ncols=True)
+        for iteration in bar:
+            began = time.perf_counter()
+            batch = prompts.next_batch()
+            if isinstance(rollout_source, LocalRolloutSource):
+                rollout_source.weight_version = iteration
+            rollouts = rollout_source.generate(batch.ids, params)
+            generated = time.perf_counter()
+            stats = trainer.step(rollouts)
+            new_tokens = sum(len(r.response_ids) for r in rollouts)
+            if gold is not None:
+                stats["gold_score"] = gold.score_rollouts(batch.texts, rollouts)
+            keys = sorted(stats)
+            averaged = all_sum([stats[k] for k in keys])
+            stats = {k: v / ds.world_size() for k, v in zip(keys, averaged)}
+            elapsed = time.perf_counter() - began
+            samples, tokens = all_sum([float(len(rollouts)), float(new_tokens)])
+            stats.update(samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed,
+                         generate_s=generated - began, train_s=elapsed - (generated - began))
+            metrics.log(iteration + 1, **stats)
+            bar.set_postfix(reward=f"{stats['reward_score']:.3f}", kl=f"{stats['kl']:.3f}",
+                            **({"gold": f"{stats['gold_score']:.1f}"} if "gold_score" in stats else {}))
+            if (iteration + 1) % config.log_every == 0 or iteration + 1 == config.iterations:
+                log.info("ppo iteration %d: %s", iteration + 1, {k: round(v, 4) for k, v in stats.items()})
+            if config.save_every and (iteration + 1) % config.save_every == 0:
+                _save(models, trainer, tokenizer, out, iteration + 1)
+            if after_iteration is not None:
+                after_iteration(iteration + 1, models, stats)
+            result.update({k: stats[k] for k in keys})
+            result.update(samples_per_s=stats["samples_per_s"], tokens_per_s=stats["tokens_per_s"])
+        if gold is not None:
+            result["gold_after"] = gold.evaluate(models.actor)
+            metrics.log(config.iterations, gold_eval=result["gold_after"])
+            if models.ema is not None:
+                result["gold_after_ema"] = gold.evaluate(models.ema.engine)
+            log.info("ppo: gold score before %.2f, after %.2f (KL to reference %.3f)", result["gold_before"],
+                     result["gold_after"], result.get("kl", float("nan")))
+    result["iterations"] = config.iterations
+    result.update(_save(models, trainer, tokenizer, out, config.iterations))
+    return result

@@ -1,0 +1,171 @@
+"""One PPO iteration: make the experience batch from rollouts, then train actor and critic on it.
+
+Models: actor and critic are training DeepSpeed engines; reference and reward are frozen (engines under
+ZeRO-3, plain modules otherwise). Everything PPO needs from the "old" policy and critic (logprobs,
+values, advantages, returns) is computed once when the batch is made; each PPO epoch then reshuffles
+the batch into minibatches, so reusing a batch never moves the targets (a DeepSpeed-Chat failure mode).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+from learner import ds
+from learner.config import PPOConfig
+from learner.ppo import math as pm
+from learner.ppo.ema import ActorEMA
+from learner.ppo.experience import ExperienceBatch, SequenceBatch, position_ids
+from learner.ppo.rollout import Rollout
+
+log = logging.getLogger(__name__)
+
+IMPORTANCE_CAP = 2.0  # truncation of the behaviour -> learner importance ratio for stale remote samples
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token i+1 | tokens <= i) under a causal LM, [B, L - 1] float32."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   use_cache=False).logits
+    return pm.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+
+
+def sequence_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The critic's value of each state that emits token i+1, [B, L - 1]."""
+    return model(input_ids, attention_mask, position_ids(attention_mask))[:, :-1]
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's score at the last real token of each row, [B]."""
+    return ds.unwrap(model).score(input_ids, attention_mask, position_ids(attention_mask))
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig, actor, critic, reference, reward, pad_id: int,
+                 ema: ActorEMA | None = None, ptx_batches: Iterator[dict[str, torch.Tensor]] | None = None):
+        self.config, self.pad_id = config, pad_id
+        self.actor, self.critic, self.reference, self.reward = actor, critic, reference, reward
+        self.ema, self.ptx_batches = ema, ptx_batches
+        self.kl_ctl = (pm.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+                       if config.adaptive_kl else pm.FixedKLController(config.kl_coef))
+        self.reward_stats = pm.RunningMeanStd()
+        self.generator = torch.Generator().manual_seed(config.seed + ds.rank())
+        self.device = ds.device()
+
+    # ------------------------------------------------------------------ experience
+    @torch.no_grad()
+    def make_experience(self, rollouts: list[Rollout]) -> ExperienceBatch:
+        seq = SequenceBatch.from_rollouts(rollouts, self.pad_id)
+        ids, attn = seq.input_ids.to(self.device), seq.attention_mask.to(self.device)
+        mask = seq.action_mask.to(self.device)
+        self.actor.eval()
+        self.critic.eval()
+        chunk = self.config.mini_batch_size  # bounds the activation memory of the four forwards
+
+        def run(fn, model) -> torch.Tensor:
+            return torch.cat([fn(model, ids[i:i + chunk], attn[i:i + chunk]) for i in range(0, len(ids), chunk)])
+
+        logprobs = run(sequence_logprobs, self.actor)
+        ref_logprobs = run(sequence_logprobs, self.reference)
+        values = run(sequence_values, self.critic).float()
+        raw_score = run(reward_scores, self.reward).float()
+        self.actor.train()
+        self.critic.train()
+        if len(rollouts) > 1 and raw_score.std().item() < 1e-6:
+            log.warning("the reward model gives every response the same score (%.4f): collapsed reward model?",
+                        raw_score[0].item())
+        score = raw_score
+        if self.config.normalize_reward:
+            self.reward_stats.update(raw_score)
+            score = self.reward_stats.normalize(raw_score)
+        rewards = pm.kl_penalized_rewards(logprobs, ref_logprobs, score, mask, self.kl_ctl.value,
+                                          self.config.clip_reward_value)
+        advantages, returns = pm.gae(values, rewards, mask, self.config.gamma, self.config.lam)
+        if self.config.whiten_advantages:
+            advantages = pm.whiten(advantages, mask)
+        return ExperienceBatch(
+            input_ids=ids, attention_mask=attn, action_mask=mask, logprobs=logprobs * mask,
+            ref_logprobs=ref_logprobs * mask, behaviour_logprobs=seq.behaviour_logprobs.to(self.device),
+            values=values * mask, rewards=rewards, advantages=advantages, returns=returns, score=score,
+            raw_score=raw_score, weight_versions=seq.weight_versions.to(self.device))
+
+    # ------------------------------------------------------------------ training
+    def importance_weights(self, mb: ExperienceBatch) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Remote rollouts: truncated importance ratios min(exp(old - behaviour), cap) per response token,
+        moving samples made by other (stale) weights onto the learner's old policy. Applied to every row:
+        for a fresh row the ratio is 1 up to numerics. Local rollouts: none."""
+        if self.config.rollout != "remote":
+            return None, {}
+        from learner.ppo.off_policy import truncated_importance_ratios
+
+        weights, stats = truncated_importance_ratios(mb.logprobs, mb.behaviour_logprobs, mb.action_mask,
+                                                     cap=IMPORTANCE_CAP)
+        return weights, stats.metrics()
+
+    def actor_step(self, mb: ExperienceBatch) -> dict[str, float]:
+        logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask)
+        weights, weight_stats = self.importance_weights(mb)
+        loss, stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.action_mask, self.config.cliprange,
+                                     weights)
+        out = {"actor_loss": loss.item(), "clip_fraction": stats["clip_fraction"].item(),
+               "policy_kl": stats["approx_kl"].item(), **weight_stats}
+        if self.ptx_batches is not None and self.config.ptx_coef > 0:
+            batch = {k: v.to(self.device) for k, v in next(self.ptx_batches).items()}
+            ptx_loss = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=batch["labels"], use_cache=False).loss
+            loss = loss + self.config.ptx_coef * ptx_loss
+            out["ptx_loss"] = ptx_loss.item()
+        self.actor.backward(loss)
+        self.actor.step()
+        return out
+
+    def critic_step(self, mb: ExperienceBatch) -> dict[str, float]:
+        values = sequence_values(self.critic, mb.input_ids, mb.attention_mask)
+        loss, stats = pm.value_loss(values, mb.values, mb.returns, mb.action_mask, self.config.cliprange_value)
+        self.critic.backward(loss)
+        self.critic.step()
+        return {"critic_loss": loss.item(), "value_clip_fraction": stats["value_clip_fraction"].item()}
+
+    def train_on(self, exp: ExperienceBatch) -> dict[str, float]:
+        """ppo_epochs passes over the batch, reshuffled into minibatches each pass; mean stats."""
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for _ in range(self.config.ppo_epochs):
+            for mb in exp.minibatches(self.config.mini_batch_size, self.generator):
+                for k, v in {**self.actor_step(mb), **self.critic_step(mb)}.items():
+                    sums[k] += v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def step(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """One PPO iteration on these rollouts; returns its metrics."""
+        exp = self.make_experience(rollouts)
+        stats = self.train_on(exp)
+        kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.action_mask)
+        kl_mean = kl.mean().item()
+        self.kl_ctl.update(kl_mean, len(exp))
+        if self.ema is not None:
+            self.ema.update(self.actor)
+        mask = exp.action_mask
+        stats.update({
+            "reward_score": exp.raw_score.mean().item(),
+            "reward_score_std": exp.raw_score.std().item() if len(exp) > 1 else 0.0,
+            "kl": kl_mean, "kl_coef": self.kl_ctl.value,
+            "return": pm.masked_mean(exp.returns, mask).item(),
+            "value": pm.masked_mean(exp.values, mask).item(),
+            "response_length": mask.sum(1).mean().item(),
+        })
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl_ctl.value, "reward_stats": self.reward_stats.state_dict(),
+                "ema_updates": self.ema.updates if self.ema else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.value = state["kl_coef"]
+        self.reward_stats.load_state_dict(state["reward_stats"])
+        if self.ema is not None:
+            self.ema.updates = state.get("ema_updates", 0)

@@ -1,0 +1,162 @@
+"""Step 3 on real parts: TinyStories-656K as actor/reference, value models on its backbone, DeepSpeed
+ZeRO-3 engines in one process, HF generate as the rollout source."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from learner import checkpoint, modeling
+from learner.config import DeepSpeedOptions, LoraOptions, PPOConfig
+from learner.ppo import math as pm
+from learner.ppo.models import load_models
+from learner.ppo.rollout import LocalRolloutSource, SamplingParams
+from learner.ppo.step import run_ppo
+from learner.ppo.trainer import PPOTrainer, sequence_logprobs, sequence_values
+from serving.errors import ConfigError
+
+NAMES = ["Lily", "Tom", "Sue", "Ben", "Max", "Mia"]
+THINGS = ["ball", "cat", "tree", "cake", "boat", "hat"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tinystories_path, tmp_path_factory):
+    """<run>/sft (the pretrained LM), <run>/reward (a value model on its backbone), and prompt data."""
+    run = tmp_path_factory.mktemp("run")
+    tok = modeling.load_tokenizer(tinystories_path)
+    checkpoint.save_hf(modeling.load_causal_lm(tinystories_path), tok, run / "sft")
+    torch.manual_seed(0)
+    checkpoint.save_hf(modeling.ValueModel.from_pretrained(tinystories_path), tok, run / "reward", value_head=True)
+    with open(run / "prompts.jsonl", "w") as f:
+        for name in NAMES:
+            for thing in THINGS:
+                f.write(json.dumps({"prompt": f"Once upon a time, {name} had a {thing}.", "chosen": " It was fun.",
+                                    "rejected": " No."}) + "\n")
+    (run / "stories.txt").write_text("Once upon a time, there was a little dog.\nThe sun was warm and the sky was blue.\n")
+    return run
+
+
+def _config(run_dir, **overrides) -> PPOConfig:
+    base = dict(output_dir=str(run_dir / "ppo"), data=[f"dschat:{run_dir / 'prompts.jsonl'}"], data_split="0,0,1",
+                rollout_batch_size=8, mini_batch_size=4, max_new_tokens=16, ppo_epochs=2, kl_coef=0.05,
+                actor_learning_rate=2e-4, critic_learning_rate=2e-4, cache_dir=str(run_dir / "cache"),
+                deepspeed=DeepSpeedOptions(zero_stage=3))
+    base.update(overrides)
+    return PPOConfig(**base).validate()
+
+
+def test_experience_and_one_ppo_update(run_dir):
+    config = _config(run_dir)
+    models = load_models(config)
+    tok = models.tokenizer
+    prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES, THINGS)] + [[1, 4, 5]]
+    rollouts = LocalRolloutSource(models.actor, tok, copy_max_params=0).generate(  # the gather path
+        prompts, SamplingParams(max_new_tokens=16, seed=0))
+    trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
+    exp = trainer.make_experience(rollouts)
+    mask = exp.action_mask
+
+    # layout: the mask covers exactly the response tokens; the prompt of different lengths is masked out
+    assert mask.sum(1).tolist() == [len(r.response_ids) for r in rollouts]
+    # the learner's logprobs of the sampled tokens equal generate's behaviour logprobs (left padding handled)
+    torch.testing.assert_close(exp.behaviour_logprobs * mask, exp.logprobs, atol=2e-4, rtol=0)
+    # actor == reference before training: no KL, so the summed rewards are the clipped scores alone
+    assert pm.sequence_kl(exp.logprobs, exp.ref_logprobs, mask).abs().max().item() < 1e-5
+    torch.testing.assert_close(exp.rewards.sum(1), exp.score.clamp(-5, 5), atol=1e-5, rtol=0)
+    # the first PPO minibatch sees ratio 1 exactly (train-mode forward == experience forward)
+    logp = sequence_logprobs(models.actor, exp.input_ids, exp.attention_mask)
+    _, stats = pm.policy_loss(logp, exp.logprobs, exp.advantages, mask, config.cliprange)
+    assert stats["clip_fraction"].item() == 0.0 and stats["approx_kl"].item() < 1e-9
+
+    # as a remote source's samples, fresh ones get importance weights of 1 (behaviour == learner logprobs)
+    remote = PPOTrainer(dataclasses.replace(config, rollout="remote", server="127.0.0.1:1"), models.actor,
+                        models.critic, models.reference, models.reward, tok.pad_token_id)
+    weights, weight_stats = remote.importance_weights(exp)
+    torch.testing.assert_close(weights, torch.ones_like(weights), atol=5e-4, rtol=0)
+    assert weight_stats["is_tokens"] == mask.sum().item()
+
+    old_logprobs = exp.logprobs.clone()
+    critic_before = pm.value_loss(sequence_values(models.critic, exp.input_ids, exp.attention_mask).detach(),
+                                  exp.values, exp.returns, mask, 1e9)[0].item()
+    trainer.train_on(exp)
+    assert torch.equal(exp.logprobs, old_logprobs), "the old logprobs must stay fixed across PPO epochs"
+    with torch.no_grad():
+        new_logp = sequence_logprobs(models.actor, exp.input_ids, exp.attention_mask)
+        critic_after = pm.value_loss(sequence_values(models.critic, exp.input_ids, exp.attention_mask),
+                                     exp.values, exp.returns, mask, 1e9)[0].item()
+    # the policy moved towards positive-advantage tokens, the critic towards the returns
+    assert (exp.advantages * (new_logp - old_logprobs) * mask).sum().item() > 0
+    assert critic_after < critic_before
+
+
+def test_run_ppo_with_lora_ema_ptx_saves_loadable_checkpoints_and_resumes(run_dir):
+    config = _config(run_dir, iterations=2, ema_decay=0.5, ptx_coef=0.5, ptx_data=[f"text:{run_dir / 'stories.txt'}"],
+                     lora=LoraOptions(lora_dim=4, only_optimize_lora=True), output_dir=str(run_dir / "ppo_lora"))
+    result = run_ppo(config)
+    assert result["iterations"] == 2 and math.isfinite(result["kl"]) and "ptx_loss" in result
+    rows = [json.loads(line) for line in open(run_dir / "ppo_lora" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward_score", "kl", "actor_loss", "critic_loss", "clip_fraction", "response_length",
+                "samples_per_s", "tokens_per_s"):
+        assert key in rows[-1], key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)   # the first batch is sampled from the reference policy
+
+    loaded = {}
+    for name in ("actor", "actor_ema"):
+        model, info = AutoModelForCausalLM.from_pretrained(result["checkpoint" if name == "actor" else "ema_checkpoint"],
+                                                           output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        loaded[name] = model.state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(str(run_dir / "sft")).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    moved = (loaded["actor"][key] - reference[key]).abs().max()
+    assert moved > 0, "the fused LoRA update must reach the exported weights"
+    # the EMA (decay 0.5, two updates) sits strictly between the reference and the actor
+    ema_moved = (loaded["actor_ema"][key] - reference[key]).abs().max()
+    assert 0 < ema_moved < moved
+    assert modeling.ValueModel.from_pretrained(result["critic_checkpoint"]) is not None
+
+    resumed = run_ppo(_config(run_dir, iterations=3, ema_decay=0.5, ptx_coef=0.5, resume=True,
+                              ptx_data=[f"text:{run_dir / 'stories.txt'}"], output_dir=str(run_dir / "ppo_lora"),
+                              lora=LoraOptions(lora_dim=4, only_optimize_lora=True)))
+    rows = [json.loads(line) for line in open(run_dir / "ppo_lora" / "metrics.jsonl")]
+    assert resumed["iterations"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_missing_step_outputs_name_the_field(tmp_path):
+    config = PPOConfig(output_dir=str(tmp_path / "ppo"))
+    with pytest.raises(ConfigError) as err:
+        run_ppo(config)
+    assert err.value.field == "actor_model"
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_ppo_under_the_deepspeed_launcher(run_dir):
+    """Two ranks sample different responses (lengths differ), yet generation, ZeRO-3 gathers and EMA stay in step."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run_dir / "ppo_2rank"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           "--module", "learner", "ppo", "--data", f"dschat:{run_dir / 'prompts.jsonl'}", "--data_split", "0,0,1",
+           "--output_dir", str(out), "--iterations", "2", "--rollout_batch_size", "4", "--mini_batch_size", "2",
+           "--max_new_tokens", "12", "--ema_decay", "0.5", "--zero_stage", "3", "--cache_dir", str(run_dir / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    final = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"step": "ppo"')][-1])
+    assert final["iterations"] == 2
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    for folder in ("actor", "actor_ema"):
+        _, info = AutoModelForCausalLM.from_pretrained(str(out / folder), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
