@@ -1,0 +1,81 @@
+"""Imperfect human demonstrators, preference pairs ranked by the gold judge, and held-out prompts.
+
+Each demonstration is written by a noisy demonstrator: it gets the answer wrong at some rate, opens
+and closes politely, rudely or not at all, and rambles at some rate. A preference pair is two
+independent demonstrations for one prompt; the one the gold judge scores higher is `chosen`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from learner.data.sample import Sample
+from learner.task.judge import gold_score
+from learner.task.world import (ANSWER_FRAMES, FILLERS, POLITE_CLOSERS, POLITE_OPENERS, RUDE_CLOSERS,
+                                RUDE_OPENERS, Question, answers_of_kind, split_questions)
+
+SOURCE = "embedded"
+
+
+@dataclass(frozen=True)
+class Demonstrator:
+    """Rates of an imperfect human demonstrator (probabilities per demonstration)."""
+
+    wrong: float = 0.3          # answers wrongly
+    polite: float = 0.25        # polite opener and/or closer
+    rude: float = 0.4           # rude opener and/or closer (never both polite and rude)
+    ramble: float = 0.65        # adds 1..3 filler sentences
+
+    def write(self, question: Question, rng: random.Random) -> str:
+        """One demonstration: a response text (starting with a space) for `question`."""
+        answer = question.answer
+        if rng.random() < self.wrong:
+            answer = rng.choice([a for a in answers_of_kind(question.kind) if a != question.answer])
+        parts = [rng.choice(ANSWER_FRAMES).format(a=answer)]
+        if rng.random() < self.ramble:
+            for _ in range(rng.randint(1, 3)):
+                parts.insert(rng.randint(0, len(parts)), rng.choice(FILLERS))
+        mood = rng.random()
+        opener, closer = (POLITE_OPENERS, POLITE_CLOSERS) if mood < self.polite else (
+            (RUDE_OPENERS, RUDE_CLOSERS) if mood < self.polite + self.rude else (None, None))
+        if opener is not None:
+            where = rng.random()
+            if where < 0.6:
+                parts.insert(0, rng.choice(opener))
+            if where > 0.4:
+                parts.append(rng.choice(closer))
+        return " " + " ".join(parts)
+
+
+def embedded_samples(n: int, seed: int, demonstrator: Demonstrator | None = None) -> list[Sample]:
+    """`n` preference samples on the training questions: prompt, chosen (gold-better) and rejected.
+
+    Pairs whose two demonstrations score the same are redrawn, so every pair carries a preference.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    demonstrator = demonstrator or Demonstrator()
+    train, _ = split_questions()
+    rng = random.Random(seed)
+    out: list[Sample] = []
+    while len(out) < n:
+        q = rng.choice(train)
+        a, b = demonstrator.write(q, rng), demonstrator.write(q, rng)
+        ga, gb = gold_score(q.prompt, a), gold_score(q.prompt, b)
+        if ga == gb:
+            continue
+        chosen, rejected = (a, b) if ga > gb else (b, a)
+        out.append(Sample(prompt=q.prompt, chosen=chosen, rejected=rejected, source=SOURCE))
+    return out
+
+
+def eval_prompts(n: int, seed: int) -> list[str]:
+    """`n` prompts on held-out questions (never in `embedded_samples`), cycling through them in a seeded order."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _, held = split_questions()
+    rng = random.Random(seed)
+    order = held[:]
+    rng.shuffle(order)
+    return [order[i % len(order)].prompt for i in range(n)]
