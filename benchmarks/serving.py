@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="0 skips the latency run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", default="", metavar="1,2",
+                        help="also compare these tensor-parallel degrees (benchmarks/serving_tp.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"unknown model {name!r} (tinystories, llama25m)")
                 return 2
             bench_model(name, path, args)
+            if args.tp:
+                from benchmarks import serving_tp
+
+                serving_tp.bench_model(name, path, args)
     return 0
 
 

@@ -37,7 +37,7 @@ class LLMEngine:
         from serving.model_runner import ModelRunner
 
         self.config = config.validate()
-        self.runner = runner if runner is not None else ModelRunner(config)   # e.g. serving.tp_worker.TPModelRunner
+        self.runner = runner if runner is not None else ModelRunner(config)   # e.g. serving.tp_runner.TPModelRunner
         self.info = self.runner.info
         self.tokenizer = self.runner.tokenizer
         self.max_model_len = self.info.max_model_len

@@ -87,7 +87,9 @@ class WeightUpdater:
         for target, delta in update.deltas.items():
             base = self.lora_base.get(target)
             if base is None:
-                base = snapshots[target] = table[target].detach().to("cpu", copy=True)
+                full = getattr(self.engine.runner, "full_parameter", None)   # TP: gathered from the ranks' shards
+                value = full(target) if full is not None else table[target].detach()
+                base = snapshots[target] = value.to("cpu", copy=True)
             writes.append((target, base.float() + delta))
         for target, base in self.lora_base.items():
             if target not in update.deltas:

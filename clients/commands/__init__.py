@@ -12,4 +12,5 @@ COMMANDS = (
     "promote",
     "learn",
     "plot",
+    "balance",
 )

@@ -14,7 +14,7 @@ OPTIONS = {
     "token_budget": "--token-budget", "block_size": "--block-size", "num_kv_blocks": "--kv-blocks",
     "max_num_seqs": "--max-num-seqs", "max_model_len": "--max-model-len", "host": "--host",
     "port": "--port", "grace_s": "--grace-period", "max_concurrent_rpcs": "--max-concurrent-rpcs",
-    "push_token_file": "--push-token-file", "tp": "--tp",
+    "push_token_file": "--push-token-file", "tp": "--tp", "replicas": "--replicas",
 }
 
 
@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="R engines behind this address, least-loaded routing (default: %(default)s)")
     p.add_argument("--grace-period", type=float, default=10.0, metavar="S",
                    help="seconds in-flight requests may run on after SIGINT/SIGTERM (default: %(default)s)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256, metavar="N")
@@ -65,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(name, f"no such folder: {path}")
         if args.tp < 1:
             raise ConfigError("tp", f"must be >= 1, got {args.tp}")
+        if args.replicas < 1:
+            raise ConfigError("replicas", f"must be >= 1, got {args.replicas}")
+        if args.replicas > 1:
+            from serving.replicas import serve_replicas
+
+            return serve_replicas(engine_config, args.host, args.port, args.replicas, args.tp,
+                                  args.push_token_file, args.grace_period, ready=_print_balancer_ready)
         if args.tp > 1:
             from serving.tp_serve import serve_tensor_parallel
 
@@ -76,3 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_ready(server) -> None:
     print(f"serving {server.service.model_name} on {server.address}", flush=True)
+
+
+def _print_balancer_ready(balancer) -> None:
+    print(f"serving {len(balancer.replicas)} replicas on {balancer.address}", flush=True)
