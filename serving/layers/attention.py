@@ -4,8 +4,10 @@ The KV cache of one layer is one tensor [2, num_blocks, block_size, num_kv_heads
 Position p of a sequence lives at slot block_table[p // block_size] * block_size + p % block_size.
 
 One forward pass carries single-token chunks (decodes) and multi-token chunks (prompt pieces), all
-flattened into one batch of T tokens. The single-token chunks are attended in ONE padded call: their
-sequences' blocks are gathered to [B, max_blocks * block_size] keys with a key-padding mask. Each
+flattened into one batch of T tokens. The single-token chunks are sorted by context length and attended
+in a few padded calls (at most MAX_DECODE_BUCKETS, of similar lengths): each bucket's blocks are gathered
+to [b, max_blocks * block_size] keys with a key-padding mask. One call over all of them pads every
+sequence to the longest context; with mixed lengths, bucketing measured 2.5-6x faster on CPU. Each
 multi-token chunk gets one call with a causal mask shifted by its start position (plain `is_causal`
 over its own keys when it starts at position 0).
 """
@@ -32,6 +34,19 @@ class PrefillChunk:
     mask: torch.Tensor | None    # [n, start_pos + n] additive causal mask, None when start_pos == 0
 
 
+MAX_DECODE_BUCKETS = 4
+DECODES_PER_BUCKET = 8           # fewer decodes than this per bucket are not worth another call
+
+
+@dataclass
+class DecodeBucket:
+    """Single-token chunks of similar context length, attended in one padded call."""
+
+    rows: torch.Tensor | None     # [b] rows of the decode batch in this bucket; None = all rows, in order
+    block_tables: torch.Tensor    # [b * max_blocks] flattened block tables (padded with block 0)
+    mask: torch.Tensor            # [b, 1, 1, max_blocks * block_size] additive: 0 attend, -inf padding
+
+
 @dataclass
 class AttentionMetadata:
     """Index tensors for one forward pass, built once and used by every layer."""
@@ -40,8 +55,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor          # [T] cache slot of each new token
     decode_token_index: torch.Tensor    # [B] positions in the flat batch of the single-token chunks
     decode_is_prefix: bool              # the single-token chunks are exactly tokens [0, B)
-    decode_block_tables: torch.Tensor   # [B * max_blocks] flattened block tables (padded with block 0)
-    decode_mask: torch.Tensor           # [B, 1, 1, max_blocks * block_size] additive: 0 attend, -inf padding
+    decode_buckets: list[DecodeBucket]
     prefills: list[PrefillChunk]
 
     @staticmethod
@@ -74,10 +88,10 @@ class AttentionMetadata:
                 prefills.append(PrefillChunk(offset, offset + n, start, block_ids, mask))
             offset += n
         slot_mapping = torch.from_numpy(np.concatenate(slots).astype(np.int64)).to(device)
-        tables, mask = _decode_tables(decode_chunks, block_size, device, dtype)
+        buckets = _decode_buckets(decode_chunks, block_size, device, dtype)
         is_prefix = decode_rows == list(range(len(decode_rows)))
         return AttentionMetadata(offset, slot_mapping, torch.tensor(decode_rows, dtype=torch.long, device=device),
-                                 is_prefix, tables, mask, prefills)
+                                 is_prefix, buckets, prefills)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,20 +99,32 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _decode_tables(chunks: list[ScheduledChunk], block_size: int, device: torch.device,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded block tables [B, max_blocks] and the key mask of the single-token chunks."""
+def _decode_buckets(chunks: list[ScheduledChunk], block_size: int, device: torch.device,
+                    dtype: torch.dtype) -> list[DecodeBucket]:
+    """Split the single-token chunks into buckets of similar context length (sorted, equal counts)."""
     if not chunks:
-        return torch.empty(0, 0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.bool, device=device)
+        return []
     context = np.array([c.start_pos + 1 for c in chunks], dtype=np.int64)
+    count = max(1, min(MAX_DECODE_BUCKETS, len(chunks) // DECODES_PER_BUCKET))
+    if count == 1:
+        return [_decode_bucket(chunks, context, None, block_size, device, dtype)]
+    order = np.argsort(context, kind="stable")
+    return [_decode_bucket([chunks[i] for i in rows], context[rows], torch.from_numpy(rows).to(device),
+                           block_size, device, dtype)
+            for rows in np.array_split(order, count)]
+
+
+def _decode_bucket(chunks: list[ScheduledChunk], context: np.ndarray, rows: torch.Tensor | None,
+                   block_size: int, device: torch.device, dtype: torch.dtype) -> DecodeBucket:
+    """Padded block tables and the key mask of one bucket."""
     blocks = (context + block_size - 1) // block_size
     tables = np.zeros((len(chunks), int(blocks.max())), dtype=np.int64)
-    for row, (chunk, count) in enumerate(zip(chunks, blocks.tolist())):
-        tables[row, :count] = chunk.block_table[:count]
+    for row, (chunk, n) in enumerate(zip(chunks, blocks.tolist())):
+        tables[row, :n] = chunk.block_table[:n]
     keys = np.arange(tables.shape[1] * block_size)
     mask = keys[None, :] < context[:, None]
-    return (torch.from_numpy(tables.reshape(-1)).to(device),
-            _additive(torch.from_numpy(mask).to(device), dtype).view(len(chunks), 1, 1, -1))
+    return DecodeBucket(rows, torch.from_numpy(tables.reshape(-1)).to(device),
+                        _additive(torch.from_numpy(mask).to(device), dtype).view(len(chunks), 1, 1, -1))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -141,14 +167,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
             scale: float | None) -> torch.Tensor:
-    """One padded attention call for all single-token chunks: q [B, H, D] -> [B, H, D].
+    """Attention for all single-token chunks, one padded call per bucket: q [B, H, D] -> [B, H, D].
 
     The query heads sharing a KV head are laid out as that head's "query length" (GQA without copies)."""
+    if len(meta.decode_buckets) == 1:
+        return _decode_bucket_attention(q, k_cache, v_cache, meta.decode_buckets[0], scale)
+    out = torch.empty_like(q)
+    for bucket in meta.decode_buckets:
+        out.index_copy_(0, bucket.rows,
+                        _decode_bucket_attention(q.index_select(0, bucket.rows), k_cache, v_cache, bucket, scale))
+    return out
+
+
+def _decode_bucket_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bucket: DecodeBucket,
+                             scale: float | None) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    tables = meta.decode_block_tables
-    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask, scale=scale)
+    keys = k_cache.index_select(0, bucket.block_tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, bucket.block_tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    q = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bucket.mask, scale=scale)
     return out.reshape(batch, num_heads, head_dim)
