@@ -144,7 +144,7 @@ class PPOConfig(CommonConfig):
     max_staleness: int = 1              # remote rollout: weight versions a sample may lag
     push_weights: bool = False          # remote rollout: push actor weights to the server
     push_quantize: str = "none"         # none | int8 | int4
-    gold_eval_prompts: int = 64         # held-out prompts scored by the gold judge (embedded task)
+    gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task)
 
     def validate(self) -> "PPOConfig":
         super().validate()

@@ -4,9 +4,11 @@
 
 The three steps are the library's own (`run_sft`, `run_reward`, `run_ppo`); this module only chooses
 their configuration for the tiny embedded model and reports what a user wants to see: the gold score
-of greedy responses on held-out prompts after SFT and after PPO, the reward model's held-out accuracy,
-the KL to the reference, and the wall time of each step. The gold score is also measured on sampled
-responses (temperature 1, 4 per prompt: the policy PPO optimises, as a user of a sampling server sees it).
+of greedy responses after SFT and after PPO, the reward model's held-out accuracy, the KL to the
+reference, and the wall time of each step. The gold score is measured on fresh prompts of the task's
+questions (`eval_prompts`), greedy and sampled (temperature 1, 4 per prompt: the policy PPO optimises,
+as a user of a sampling server sees it), and greedy on the held-out questions no training sample asks
+(`gold_held_out_*`: how far the tiny model's pre-trained knowledge carries the gain over).
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ from serving.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # one data spec for all three steps, so data_split cuts the same pool the same way in each
-COMMON: dict[str, Any] = {"data": ["embedded:3000"], "data_split": "2,4,4", "max_seq_len": 64, "log_every": 20,
+SAMPLES = 6000                  # embedded pool: 1200 demonstrations, 2400 pairs, 2400 PPO prompts
+COMMON: dict[str, Any] = {"data": [f"embedded:{SAMPLES}"], "data_split": "2,4,4", "max_seq_len": 64, "log_every": 20,
                           "eval_fraction": 0.1}
 # tuned for the embedded model (64 wide, 2 layers) on 2 CPU cores; ZeRO-0: one process shards nothing
 DEEPSPEED: dict[str, Any] = {"zero_stage": 0}
 SFT_DEFAULTS: dict[str, Any] = {"epochs": 2, "batch_size": 16, "learning_rate": 5e-4}
-REWARD_DEFAULTS: dict[str, Any] = {"epochs": 2, "batch_size": 16, "learning_rate": 5e-4}
-PPO_DEFAULTS: dict[str, Any] = {"iterations": 40, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2,
-                                "max_prompt_len": 16, "max_new_tokens": 24, "actor_learning_rate": 3e-4,
-                                "critic_learning_rate": 5e-4, "kl_coef": 0.2}
+REWARD_DEFAULTS: dict[str, Any] = {"epochs": 6, "batch_size": 16, "learning_rate": 1e-3}
+PPO_DEFAULTS: dict[str, Any] = {"iterations": 80, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2,
+                                "max_prompt_len": 16, "max_new_tokens": 24, "actor_learning_rate": 1e-4,
+                                "critic_learning_rate": 5e-4, "kl_coef": 0.3}
 
 
 def _config(cls, run_dir: Path, step: str, seed: int, model: str, overrides: dict[str, Any] | None):
@@ -58,14 +61,19 @@ def _config(cls, run_dir: Path, step: str, seed: int, model: str, overrides: dic
 
 def run_pipeline(run_dir: str | Path, *, seed: int = 1234, model: str = "", sft: dict[str, Any] | None = None,
                  reward: dict[str, Any] | None = None, ppo: dict[str, Any] | None = None,
-                 threads: int = 1) -> dict:
+                 threads: int = 1, samples: int = SAMPLES) -> dict:
     """SFT, reward model and PPO on the embedded task in this process; returns the headline figures.
 
     `sft`/`reward`/`ppo` override fields of the step configs (a "deepspeed" key takes a dict of
     DeepSpeedOptions fields); `model` defaults to the embedded model (pre-trained on first use).
+    `samples` is the size of the embedded data pool that data_split cuts for the three steps.
     `threads` sets torch's intra-op threads for the run (a 64-wide model gains nothing from more; they contend).
     """
     run_dir = Path(run_dir)
+    if samples < 10:
+        raise ConfigError("samples", f"must be >= 10 (data_split cuts it in three), got {samples}")
+    data = {"data": [f"embedded:{samples}"]}
+    sft, reward, ppo = ({**data, **(step or {})} for step in (sft, reward, ppo))
     began = time.perf_counter()
     sft_config = _config(SFTConfig, run_dir, "sft", seed, model, {**SFT_DEFAULTS, **(sft or {})})
     reward_config = _config(RewardConfig, run_dir, "reward", seed, model, {**REWARD_DEFAULTS, **(reward or {})})
@@ -91,8 +99,11 @@ def run_pipeline(run_dir: str | Path, *, seed: int = 1234, model: str = "", sft:
         times["ppo_s"] = time.perf_counter() - t
         t = time.perf_counter()
         actor = ppo_result.get("checkpoint", str(run_dir / "ppo" / "actor"))
-        sampled = {f"gold_sampled_{when}": gold_of_checkpoint(path, max_new_tokens=ppo_config.max_new_tokens, seed=seed)
-                   for when, path in (("before", sft_result["checkpoint"]), ("after", actor))}
+        sampled = {}
+        for when, path in (("before", sft_result["checkpoint"]), ("after", actor)):
+            sampled[f"gold_sampled_{when}"] = gold_of_checkpoint(path, max_new_tokens=ppo_config.max_new_tokens, seed=seed)
+            sampled[f"gold_held_out_{when}"] = gold_of_checkpoint(path, max_new_tokens=ppo_config.max_new_tokens,
+                                                                  seed=seed, temperature=0.0, held_out=True)
         times["eval_s"] = time.perf_counter() - t
         times["total_s"] = time.perf_counter() - began
     finally:
@@ -108,9 +119,10 @@ def run_pipeline(run_dir: str | Path, *, seed: int = 1234, model: str = "", sft:
                "sft_eval_loss": sft_result.get("eval_loss", float("nan")), **times,
                "checkpoint": actor}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("pipeline (seed %d): gold (greedy) %.1f -> %.1f, gold (sampled) %.1f -> %.1f, RM accuracy %.3f, KL %.3f, "
-             "%.0f s", seed, summary["gold_before"], summary["gold_after"], sampled["gold_sampled_before"],
-             sampled["gold_sampled_after"], summary["reward_accuracy"], summary["kl"], times["total_s"])
+    log.info("pipeline (seed %d): gold (greedy) %.1f -> %.1f, gold (sampled) %.1f -> %.1f, gold (held-out questions) "
+             "%.1f -> %.1f, RM accuracy %.3f, KL %.3f, %.0f s", seed, summary["gold_before"], summary["gold_after"],
+             sampled["gold_sampled_before"], sampled["gold_sampled_after"], sampled["gold_held_out_before"],
+             sampled["gold_held_out_after"], summary["reward_accuracy"], summary["kl"], times["total_s"])
     return summary
 
 

@@ -2,7 +2,12 @@
 
 Each demonstration is written by a noisy demonstrator: it gets the answer wrong at some rate, opens
 and closes politely, rudely or not at all, and rambles at some rate. A preference pair is two
-independent demonstrations for one prompt; the one the gold judge scores higher is `chosen`.
+demonstrations for one prompt; the one the gold judge scores higher is `chosen`. Half the pairs are two
+independent demonstrations; the other half are one demonstrator writing twice in the same manner (same
+wording and manners, the answer decided afresh), so those pairs differ in correctness only: a labeller
+comparing two takes of one writer. They show the reward model that a wrong answer is worse on its own,
+apart from manners and length, which are easy to see (a reward model that misses it lets PPO trade
+correctness for politeness).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from learner.task.world import (ANSWER_FRAMES, FILLERS, POLITE_CLOSERS, POLITE_O
                                 RUDE_OPENERS, Question, answers_of_kind, split_questions)
 
 SOURCE = "embedded"
+SAME_MANNER = 0.5               # fraction of pairs written twice by one demonstrator in the same manner
 
 
 @dataclass(frozen=True)
@@ -27,11 +33,13 @@ class Demonstrator:
     rude: float = 0.4           # rude opener and/or closer (never both polite and rude)
     ramble: float = 0.65        # adds 1..3 filler sentences
 
-    def write(self, question: Question, rng: random.Random) -> str:
-        """One demonstration: a response text (starting with a space) for `question`."""
+    def write(self, question: Question, rng: random.Random, manner: random.Random | None = None) -> str:
+        """One demonstration: a response text (starting with a space) for `question`. `rng` decides the
+        answer; `manner` (default `rng`) decides wording, manners and rambling."""
         answer = question.answer
         if rng.random() < self.wrong:
             answer = rng.choice([a for a in answers_of_kind(question.kind) if a != question.answer])
+        rng = manner or rng
         parts = [rng.choice(ANSWER_FRAMES).format(a=answer)]
         if rng.random() < self.ramble:
             for _ in range(rng.randint(1, 3)):
@@ -51,7 +59,8 @@ class Demonstrator:
 def embedded_samples(n: int, seed: int, demonstrator: Demonstrator | None = None) -> list[Sample]:
     """`n` preference samples on the training questions: prompt, chosen (gold-better) and rejected.
 
-    Pairs whose two demonstrations score the same are redrawn, so every pair carries a preference.
+    Pairs whose two demonstrations score the same are redrawn, so every pair carries a preference (a
+    same-manner pair survives only when exactly one of its two answers is right).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -61,7 +70,11 @@ def embedded_samples(n: int, seed: int, demonstrator: Demonstrator | None = None
     out: list[Sample] = []
     while len(out) < n:
         q = rng.choice(train)
-        a, b = demonstrator.write(q, rng), demonstrator.write(q, rng)
+        if rng.random() < SAME_MANNER:
+            manner = rng.random()
+            a, b = (demonstrator.write(q, rng, random.Random(manner)) for _ in range(2))
+        else:
+            a, b = demonstrator.write(q, rng), demonstrator.write(q, rng)
         ga, gb = gold_score(q.prompt, a), gold_score(q.prompt, b)
         if ga == gb:
             continue
@@ -70,12 +83,18 @@ def embedded_samples(n: int, seed: int, demonstrator: Demonstrator | None = None
     return out
 
 
-def eval_prompts(n: int, seed: int) -> list[str]:
-    """`n` prompts on held-out questions (never in `embedded_samples`), cycling through them in a seeded order."""
+def eval_prompts(n: int, seed: int, held_out: bool = False) -> list[str]:
+    """`n` prompts for the gold judge, cycling through the questions in a seeded order.
+
+    By default the questions are those of the task (the ones `embedded_samples` and PPO draw prompts
+    from): the policy is scored on the distribution it is trained for, as RLHF evaluates. The world is
+    too small to hold out prompts of that distribution, so `held_out=True` instead draws the questions no
+    sample ever asks: it measures how the tiny model's pre-trained knowledge carries over, not RLHF.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    _, held = split_questions()
+    train, held = split_questions()
     rng = random.Random(seed)
-    order = held[:]
+    order = (held if held_out else train)[:]
     rng.shuffle(order)
     return [order[i % len(order)].prompt for i in range(n)]

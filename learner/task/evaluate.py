@@ -13,12 +13,13 @@ from learner.task.judge import gold_score
 
 @torch.no_grad()
 def gold_of_checkpoint(model_dir: str | Path, *, n_prompts: int = 64, samples_per_prompt: int = 4,
-                       temperature: float = 1.0, max_new_tokens: int = 24, seed: int = 0) -> float:
-    """Mean gold score (0..100) of responses to `eval_prompts(n_prompts, seed)`; temperature 0 is greedy
-    (one response per prompt), else `samples_per_prompt` sampled responses each (what PPO optimises)."""
+                       temperature: float = 1.0, max_new_tokens: int = 24, seed: int = 0,
+                       held_out: bool = False) -> float:
+    """Mean gold score (0..100) of responses to `eval_prompts(n_prompts, seed, held_out)`; temperature 0 is
+    greedy (one response per prompt), else `samples_per_prompt` sampled responses each (what PPO optimises)."""
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    prompts = eval_prompts(n_prompts, seed)
+    prompts = eval_prompts(n_prompts, seed, held_out)
     repeats = 1 if temperature == 0 else samples_per_prompt
     texts = [p for p in prompts for _ in range(repeats)]
     tok.padding_side = "left"

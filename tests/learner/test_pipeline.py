@@ -14,10 +14,12 @@ from serving.errors import ConfigError
 
 @pytest.mark.slow
 def test_pipeline_learns_the_preference_and_ppo_raises_the_gold_score(tmp_path):
-    summary = run_pipeline(tmp_path / "run", seed=3, ppo={"iterations": 30})
-    assert summary["reward_accuracy"] > 0.6, summary
-    # the policy PPO optimises (sampled responses) gains clearly; full runs gain 12-21 points (see the report)
-    assert summary["gold_sampled_after"] > summary["gold_sampled_before"] + 8.0, summary
+    # the defaults' data with half the RM epochs and 3/4 of the PPO iterations (~55 s on a quiet core):
+    # measured +12.7 greedy, +27.9 sampled, RM accuracy 0.78; the defaults gain 12.5-19.3 / 23.7-37.2
+    summary = run_pipeline(tmp_path / "run", seed=3, reward={"epochs": 3}, ppo={"iterations": 60})
+    assert summary["reward_accuracy"] > 0.7, summary
+    assert summary["gold_sampled_after"] > summary["gold_sampled_before"] + 15.0, summary
+    assert summary["gold_after"] > summary["gold_before"] + 5.0, summary
     assert math.isfinite(summary["kl"]) and summary["kl"] >= 0.0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["gold_after"] == summary["gold_after"]
     _, info = AutoModelForCausalLM.from_pretrained(summary["checkpoint"], output_loading_info=True)
@@ -28,3 +30,6 @@ def test_pipeline_refuses_unknown_override_naming_it(tmp_path):
     with pytest.raises(ConfigError) as err:
         run_pipeline(tmp_path, ppo={"no_such_field": 1})
     assert err.value.field == "no_such_field"
+    with pytest.raises(ConfigError) as err:
+        run_pipeline(tmp_path, samples=0)
+    assert err.value.field == "samples"

@@ -37,8 +37,15 @@ def test_samples_are_ranked_deterministic_and_held_out_is_disjoint():
     assert all(gold_score(s.prompt, s.chosen) > gold_score(s.prompt, s.rejected) for s in samples)
     chosen = sum(gold_score(s.prompt, s.chosen) for s in samples) / len(samples)
     assert chosen < 90.0, "demonstrators must leave room for RLHF to improve on them"
-    held = eval_prompts(50, seed=1)
+    held = eval_prompts(50, seed=1, held_out=True)
     assert len(held) == 50 and set(held).isdisjoint({s.prompt for s in samples})
+    in_task = eval_prompts(50, seed=1)
+    assert len(set(in_task)) > 25 and set(in_task) <= {q.prompt for q in split_questions()[0]}
+    # some pairs are one writer's two takes in the same manner: they differ in the answer word only
+    minimal = [s for s in samples if len(s.chosen.split()) == len(s.rejected.split())
+               and sum(a != b for a, b in zip(s.chosen.split(), s.rejected.split())) == 1]
+    assert len(minimal) > 0.15 * len(samples)
+    assert all(gold_parts(s.prompt, s.chosen).correct > gold_parts(s.prompt, s.rejected).correct for s in minimal)
     train, held_q = split_questions()
     assert len(train) + len(held_q) == len(all_questions())
     assert {q.kind for q in held_q} == {"plus", "minus", "sound", "color", "opposite"}
