@@ -9,6 +9,7 @@ COMMANDS = (
     "complete",
     "chat",
     "status",
+    "up",
     "promote",
     "learn",
     "plot",

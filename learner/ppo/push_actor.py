@@ -1,0 +1,111 @@
+"""Pushing the actor's weights to the generation server after a PPO iteration (weight sync, learner side).
+
+Under ZeRO-3 no rank ever holds the whole model: the parameters are gathered one at a time (a LoRA
+layer with its adapters, fused into the base weight), rank 0 streams each to the server as it comes
+(clients.weight_push.StreamingPush copies it to the CPU and sends it on a helper thread), and the
+gather is released before the next one. Every rank walks the same parameters (the gathers are
+collective); only rank 0 talks to the server. Versions are counted on every rank alike, so all
+ranks know the learner's version without a message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from clients.weight_push import PushReport, StreamingPush
+from learner import ds
+from learner.modeling import is_lora_layer
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _gathered(params: list[nn.Parameter]):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _fused_lora_weight(module: nn.Module) -> torch.Tensor:
+    weight = module.get_base_layer().weight.detach().clone()
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            weight += module.get_delta_weight(adapter).to(weight.dtype)
+    return weight
+
+
+def actor_tensors(model: nn.Module, keep: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) of every parameter, gathered one at a time (collective: every rank must
+    iterate to the end). Tied parameters come once, under their first name; LoRA comes fused.
+    With keep=False (ranks other than 0) nothing is yielded but the gathers still happen."""
+    seen: set[int] = set()
+
+    def visit(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        if is_lora_layer(module):
+            params = list(module.parameters())
+            with _gathered(params):
+                if keep:
+                    yield prefix + "weight", _fused_lora_weight(module)
+                    bias = module.get_base_layer().bias
+                    if bias is not None:
+                        yield prefix + "bias", bias.detach()
+            seen.update(id(p) for p in params)
+            return
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            with _gathered([param]):
+                if keep:
+                    yield prefix + name, param.detach()
+        for child_name, child in module.named_children():
+            yield from visit(f"{prefix}{child_name}.", child)
+
+    for name, tensor in visit("", ds.unwrap(model)):
+        yield name.removeprefix(PEFT_PREFIX), tensor
+
+
+def push_actor(actor, server: str, token: str | None, version: int, *, origin: str,
+               encoding: str = "float32") -> PushReport | None:
+    """Push `actor` as `version`; rank 0 returns the server's report, other ranks None."""
+    keep = ds.rank() == 0
+    push = StreamingPush(server, token=token, version=version, origin=origin, encoding=encoding) if keep else None
+    try:
+        for name, tensor in actor_tensors(actor, keep=keep):
+            push.send(name, tensor)
+        report = push.commit() if keep else None
+    except BaseException:
+        if push is not None:
+            push.abort()
+        raise
+    if report is not None:
+        log.info("pushed v%d (%s): %d tensors, %.2f MB %s in %.2f s (swap %.1f ms)", report.version, origin,
+                 report.tensors, report.bytes_sent / 2**20, encoding, report.push_s, report.swap_s * 1e3)
+    return report
+
+
+class ActorPusher:
+    """`after_iteration` for run_ppo: push the actor after every PPO iteration and tell the rollout source
+    the learner's new version. `reports` holds rank 0's PushReports (as dicts, with the iteration)."""
+
+    def __init__(self, server: str, token: str | None, version: int, *, encoding: str = "float32",
+                 origin: str = "tandem up", source=None):
+        self.server, self.token, self.version = server, token, version
+        self.encoding, self.origin, self.source = encoding, origin, source
+        self.reports: list[dict] = []
+
+    def __call__(self, iteration: int, models, stats: dict) -> None:
+        version = self.version + 1
+        report = push_actor(models.actor, self.server, self.token, version,
+                            origin=f"{self.origin}: ppo iteration {iteration}", encoding=self.encoding)
+        self.version = version
+        if self.source is not None:
+            self.source.learner_version = version
+        if report is not None:
+            self.reports.append({"iteration": iteration, **asdict(report)})
