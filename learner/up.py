@@ -72,8 +72,20 @@ class UpConfig:
         return self
 
 
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+             "CROSS_SIZE")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Our environment without a process group's variables: a child must form its own group, not try to
+    join (or re-bind the port of) one this process belongs to."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(extra)
+    return env
+
+
 def start_server(model: str, run_dir: Path, token_file: Path, threads: int, timeout: float) -> ServiceProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TANDEM_PUSH_TOKEN": ""}
+    env = child_env(OMP_NUM_THREADS=str(threads), TANDEM_PUSH_TOKEN="")
     command = [sys.executable, "-m", "clients.cli", "serve", "--model", model, "--port", "0",
                "--push-token-file", str(token_file), "--grace-period", "5"]
     server = ServiceProcess("server", command, env, log_file=run_dir / "server.log", ready_prefix="serving ")
@@ -124,7 +136,7 @@ def run_up(config: UpConfig) -> dict:
         spec_file.write_text(json.dumps(spec, indent=2))
         (run_dir / "learner.json").unlink(missing_ok=True)
         t = time.perf_counter()
-        learner = ServiceProcess("learner", learner_command(spec_file, config.ranks), dict(os.environ))
+        learner = ServiceProcess("learner", learner_command(spec_file, config.ranks), child_env())
         code = learner.wait()
         times["learner_s"] = time.perf_counter() - t
         if code != 0 or not (run_dir / "learner.json").is_file():
