@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-batch", type=int, default=16)
     parser.add_argument("--token-budget", type=int, default=512)
     parser.add_argument("--clients", type=int, default=16, help="0 skips the latency run")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core box, 2 threads made both contenders ~10x slower)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", default="", metavar="1,2",
                         help="also compare these tensor-parallel degrees (benchmarks/serving_tp.py)")
