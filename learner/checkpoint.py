@@ -35,9 +35,9 @@ def _lora_merged_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def iter_gathered(model: nn.Module, keep: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, full CPU tensor) for every parameter and persistent buffer of `model`, LoRA fused, gathered
-    one module at a time under ZeRO-3 (for streaming a weight push or writing a checkpoint).
+def iter_gathered(model: nn.Module, keep: bool = True, buffers: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, full CPU tensor) for every parameter (and, with `buffers`, persistent buffer) of `model`, LoRA
+    fused, gathered one module at a time under ZeRO-3 (for streaming a weight push or writing a checkpoint).
 
     Every rank must drive the iterator to the end (the gathers are collectives); with keep=False a rank
     gathers but yields nothing.
@@ -63,7 +63,7 @@ def iter_gathered(model: nn.Module, keep: bool = True) -> Iterator[tuple[str, to
                 out = [(prefix + n, p.detach().cpu().clone()) for n, p in own] if keep else []
             seen.update(id(p) for _, p in own)
             yield from out
-        if keep:
+        if keep and buffers:
             for name, buf in module.named_buffers(recurse=False):
                 if buf is not None and name not in module._non_persistent_buffers_set:
                     yield prefix + name, buf.detach().cpu().clone()

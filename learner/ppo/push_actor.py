@@ -1,7 +1,7 @@
 """Pushing the actor's weights to the generation server after a PPO iteration (weight sync, learner side).
 
-Under ZeRO-3 no rank ever holds the whole model: the parameters are gathered one at a time (a LoRA
-layer with its adapters, fused into the base weight), rank 0 streams each to the server as it comes
+Under ZeRO-3 no rank ever holds the whole model: the parameters are gathered one module at a time
+(learner.checkpoint.iter_gathered; a LoRA layer with its adapters, fused into the base weight), rank 0 streams each to the server as it comes
 (clients.weight_push.StreamingPush copies it to the CPU and sends it on a helper thread), and the
 gather is released before the next one. Every rank walks the same parameters (the gathers are
 collective); only rank 0 talks to the server. Versions are counted on every rank alike, so all
@@ -19,55 +19,18 @@ from torch import nn
 
 from clients.weight_push import PushReport, StreamingPush
 from learner import ds
-from learner.modeling import is_lora_layer
+from learner.checkpoint import iter_gathered
 
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 
 
-def _gathered(params: list[nn.Parameter]):
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _fused_lora_weight(module: nn.Module) -> torch.Tensor:
-    weight = module.get_base_layer().weight.detach().clone()
-    for adapter in module.active_adapters:
-        if adapter in module.lora_A:
-            weight += module.get_delta_weight(adapter).to(weight.dtype)
-    return weight
-
-
 def actor_tensors(model: nn.Module, keep: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) of every parameter, gathered one at a time (collective: every rank must
+    """(HF name, full tensor) of every parameter, gathered one module at a time (collective: every rank must
     iterate to the end). Tied parameters come once, under their first name; LoRA comes fused.
     With keep=False (ranks other than 0) nothing is yielded but the gathers still happen."""
-    seen: set[int] = set()
-
-    def visit(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        if is_lora_layer(module):
-            params = list(module.parameters())
-            with _gathered(params):
-                if keep:
-                    yield prefix + "weight", _fused_lora_weight(module)
-                    bias = module.get_base_layer().bias
-                    if bias is not None:
-                        yield prefix + "bias", bias.detach()
-            seen.update(id(p) for p in params)
-            return
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            with _gathered([param]):
-                if keep:
-                    yield prefix + name, param.detach()
-        for child_name, child in module.named_children():
-            yield from visit(f"{prefix}{child_name}.", child)
-
-    for name, tensor in visit("", ds.unwrap(model)):
+    for name, tensor in iter_gathered(ds.unwrap(model), keep=keep, buffers=False):
         yield name.removeprefix(PEFT_PREFIX), tensor
 
 
