@@ -50,6 +50,12 @@ def _config(cls, run_dir: Path, step: str, seed: int, model: str, overrides: dic
     """A validated step config: COMMON, then the step's defaults, then the caller's overrides."""
     values = {**COMMON, "seed": seed, "output_dir": str(run_dir / step), "model": model, **(overrides or {})}
     ds_values = {**DEEPSPEED, **values.pop("deepspeed", {})}
+    return build_config(cls, values, ds_values)
+
+
+def build_config(cls, values: dict[str, Any], ds_values: dict[str, Any]):
+    """cls(**values) with its DeepSpeed options replaced by `ds_values`, validated; an unknown field is a
+    ConfigError naming it."""
     names = {f.name for f in dataclasses.fields(cls)}
     for name in values:
         if name not in names:

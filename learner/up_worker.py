@@ -12,7 +12,6 @@ Rank 0 writes the figures to <run>/learner.json.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -22,7 +21,7 @@ from typing import Any, Callable
 
 from learner import ds
 from learner.config import PPOConfig, RewardConfig, SFTConfig
-from learner.pipeline import COMMON, DEEPSPEED, PPO_DEFAULTS, REWARD_DEFAULTS, SFT_DEFAULTS
+from learner.pipeline import COMMON, DEEPSPEED, PPO_DEFAULTS, REWARD_DEFAULTS, SFT_DEFAULTS, build_config
 from serving.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,13 +34,7 @@ def step_config(cls, run_dir: Path, step: str, spec: dict[str, Any], defaults: d
               **({"data": spec["data"]} if spec.get("data") else {}), **(extra or {}),
               **spec.get("overrides", {}).get(step, {})}
     ds_values = {**DEEPSPEED, **spec.get("deepspeed", {}), **values.pop("deepspeed", {})}
-    names = {f.name for f in dataclasses.fields(cls)}
-    for name in values:
-        if name not in names:
-            raise ConfigError(name, f"is not a field of {cls.__name__}")
-    config = cls(**values)
-    config.deepspeed = dataclasses.replace(config.deepspeed, **ds_values)
-    return config.validate()
+    return build_config(cls, values, ds_values)
 
 
 def prompt_feed(config: PPOConfig, tokenizer) -> Callable[[], list[list[int]]]:
