@@ -52,9 +52,9 @@ def throughput(out_dir: Path, clock: Clock, batch: int) -> dict:
 
 
 def ppo_config(run: Path, out: Path, args, **extra):
-    from learner.up_worker import step_config
+    from learner.jobs.up_worker import step_config
     from learner.config import PPOConfig
-    from learner.pipeline import PPO_DEFAULTS
+    from learner.jobs.pipeline import PPO_DEFAULTS
 
     spec = {"seed": args.seed, "data": [], "deepspeed": {"zero_stage": args.zero_stage}}
     values = {"actor_model": str(run / "sft"), "critic_model": str(run / "reward"), "reward_model": str(run / "reward"),
@@ -82,10 +82,10 @@ def run_local(run: Path, out: Path, args) -> dict:
 def run_remote(run: Path, out: Path, args, server: str, token: str) -> dict:
     from clients.weight_push import current_version, hf_tensors, push_weights
     from learner.modeling import load_tokenizer
-    from learner.ppo.push_actor import ActorPusher
-    from learner.ppo.remote_rollout import RemoteRolloutSource
+    from learner.rollout.push import ActorPusher
+    from learner.rollout.remote import RemoteRolloutSource
     from learner.ppo.step import run_ppo
-    from learner.up_worker import prompt_feed
+    from learner.jobs.up_worker import prompt_feed
 
     config = ppo_config(run, fresh(out), args, rollout="remote", server=server, max_staleness=1, push_weights=True)
     first = push_weights(server, hf_tensors(run / "sft"), token=token, version=current_version(server) + 1,
@@ -107,9 +107,9 @@ def prepare(run: Path, seed: int) -> None:
     from learner.reward import run_reward
     from learner.sft import run_sft
     from learner.config import RewardConfig, SFTConfig
-    from learner.pipeline import REWARD_DEFAULTS, SFT_DEFAULTS
+    from learner.jobs.pipeline import REWARD_DEFAULTS, SFT_DEFAULTS
     from learner.task import default_model_path
-    from learner.up_worker import step_config
+    from learner.jobs.up_worker import step_config
 
     model = str(default_model_path())
     spec = {"seed": seed, "data": []}
@@ -123,9 +123,9 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     import logging
-    import os
 
-    from learner.service_process import ServiceProcess
+    from common.process import child_env
+    from serving.launch import start_server
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rlhf", description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="run", default="", help="a run folder with sft/ and reward/ (default: train them)")
@@ -147,12 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     token_file = work / "push_token"
     token_file.write_text(secrets.token_hex(16))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = ServiceProcess("server", [sys.executable, "-m", "clients.cli", "serve", "--model", str(run / "sft"),
-                                       "--port", "0", "--push-token-file", str(token_file)], env,
-                            log_file=work / "server.log", ready_prefix="serving ")
+    server = start_server(["--model", str(run / "sft"), "--port", "0", "--push-token-file", str(token_file)],
+                          env=child_env(OMP_NUM_THREADS="1"), log_file=work / "server.log")
     try:
-        address = server.wait_ready(300).rsplit(" on ", 1)[1]
+        address = server.address
         results: dict[str, list[dict]] = {"local": [], "remote": []}
         for r in range(args.repeats):
             results["local"].append(run_local(run, work / f"local{r}", args))

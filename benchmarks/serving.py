@@ -53,8 +53,8 @@ def run_hf(path: Path, requests: list[Request], batch: int) -> tuple[float, int]
 
 
 def make_engine(path: Path, token_budget: int, **overrides):
-    from serving.config import EngineConfig
-    from serving.engine import LLMEngine
+    from serving.engine.config import EngineConfig
+    from serving.engine.engine import LLMEngine
 
     tok = path if (path / "tokenizer_config.json").exists() else None
     cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype="float32", device="cpu",
@@ -63,7 +63,7 @@ def make_engine(path: Path, token_budget: int, **overrides):
 
 
 def run_engine(engine, requests: list[Request]) -> tuple[float, int]:
-    from serving.sampling_params import SamplingParams
+    from serving.engine.sampling_params import SamplingParams
 
     start = time.perf_counter()
     for i, r in enumerate(requests):
@@ -79,8 +79,8 @@ def run_engine(engine, requests: list[Request]) -> tuple[float, int]:
 def latency(path: Path, requests: list[Request], clients: int, token_budget: int) -> dict:
     """TTFT and ITL percentiles of `clients` concurrent streaming gRPC clients on a real server."""
     from clients.client import TandemClient
-    from serving.config import EngineConfig
-    from serving.server import start_server
+    from serving.engine.config import EngineConfig
+    from serving.rpc.server import start_server
 
     tok = path if (path / "tokenizer_config.json").exists() else None
     cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype="float32", device="cpu",
@@ -155,7 +155,7 @@ def bench_model(name: str, path: Path, args) -> None:
 
 def ablation(path: Path, requests: list[Request], args) -> None:
     """Dynamic SplitFuse against separate prefill/decode passes, same engine otherwise."""
-    from serving.config import SCHEDULING_MODES
+    from serving.engine.config import SCHEDULING_MODES
 
     results = {}
     for mode in SCHEDULING_MODES:

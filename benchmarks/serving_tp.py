@@ -2,7 +2,7 @@
 
     python -m benchmarks.serving_tp [--models tinystories,llama25m] [--tp 1,2] [--requests 64] [--repeats 3]
 
-Each tp degree gets one LLMEngine (tp > 1: serving.tp_serve.build_tp_engine, gloo ranks spawned by this
+Each tp degree gets one LLMEngine (tp > 1: serving.parallel.serve.build_tp_engine, gloo ranks spawned by this
 process); the degrees run interleaved, --repeats times, on the FastGen-style mixed workload of
 benchmarks.serving (all requests submitted at once, EOS ignored, only requested tokens counted). Threads:
 tp=1 uses all --threads in one process; tp=N gives each rank --threads // N (on a 2-core machine: one
@@ -25,9 +25,9 @@ from benchmarks.workload import SHARED_DATA, mixed_workload, num_params, random_
 
 
 def make_engine(path: Path, tp: int, token_budget: int):
-    from serving.config import EngineConfig
-    from serving.engine import LLMEngine
-    from serving.tp_serve import build_tp_engine
+    from serving.engine.config import EngineConfig
+    from serving.engine.engine import LLMEngine
+    from serving.parallel.serve import build_tp_engine
 
     cfg = EngineConfig(model=str(path), dtype="float32", device="cpu", token_budget=token_budget)
     return LLMEngine(cfg) if tp == 1 else build_tp_engine(cfg, tp)

@@ -25,7 +25,7 @@ import torch
 
 from clients.weight_push import push_weights
 from protos.codec import roundtrip
-from serving.config import EngineConfig
+from serving.engine.config import EngineConfig
 from serving.models.random_init import LLAMA_25M, save_random_checkpoint
 
 ENCODINGS = ("float32", "bfloat16", "int8", "int4")
@@ -106,7 +106,7 @@ def bench_model(label: str, folder: Path, args, token_file: Path) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from clients.client import TandemClient
-    from serving.server import start_server
+    from serving.rpc.server import start_server
 
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     sequences, prompts = eval_tokens(folder, hf.config.vocab_size)

@@ -22,8 +22,8 @@ import torch
 from clients.results import TandemError
 from protos import tandem_pb2, tandem_pb2_grpc
 from protos.codec import DEFAULT_CHUNK_BYTES, ENCODINGS, Checksum, TensorAssembler, encode_tensor
-from serving.auth import bearer_metadata
-from serving.errors import FieldError
+from protos.auth import bearer_metadata
+from common.errors import FieldError
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
@@ -42,7 +42,7 @@ class PushReport:
 
 def hf_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of every weight in a local HF checkpoint folder, one file at a time."""
-    from serving.models.loader import iter_checkpoint
+    from common.checkpoint import iter_checkpoint
 
     path = Path(folder)
     if not (path / "config.json").is_file():

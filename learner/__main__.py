@@ -14,7 +14,7 @@ import sys
 
 from learner.cli_args import parse_config
 from learner.config import STEPS
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 USAGE = f"usage: python -m learner {{{','.join(STEPS)}}} [--config FILE.json] [--field value ...]"
 MODEL_FIELDS = {"sft": ("model",), "reward": ("model",),

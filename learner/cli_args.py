@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from learner.config import CONFIGS, CommonConfig
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 STEPS = ("sft", "reward", "ppo")
 

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from common.net import free_port
 from learner.config import DeepSpeedOptions
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed() -> None:
@@ -46,7 +40,7 @@ def init_distributed() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("LOCAL_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
@@ -82,7 +76,7 @@ def ds_config(opts: DeepSpeedOptions, batch_size: int, grad_accum: int, lr: floa
                      "stage3_prefetch_bucket_size": 3e7})
     if opts.offload_optimizer:
         if opts.zero_stage == 0:
-            from serving.errors import ConfigError
+            from common.errors import ConfigError
             raise ConfigError("offload_optimizer", "needs zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {

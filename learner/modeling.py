@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from learner.config import LoraOptions
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

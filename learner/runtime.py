@@ -15,7 +15,7 @@ from learner import ds
 from learner.config import CommonConfig
 from learner.data import hold_out, load_dataset, parse_spec, split_for_steps
 from learner.data.sample import Sample
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

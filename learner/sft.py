@@ -16,7 +16,7 @@ from learner.modeling import apply_lora, load_causal_lm, load_tokenizer
 from learner.runtime import (all_sum, cache_dir, check_inputs, enable_gradient_checkpointing, loader, model_path,
                              seed_everything, step_samples, to_device, tokenizer_path)
 from learner.train_loop import train
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

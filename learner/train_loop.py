@@ -20,7 +20,7 @@ from learner import checkpoint, ds
 from learner.config import CommonConfig
 from learner.metrics import MetricsLogger
 from learner.runtime import all_sum, to_device
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from clients.client import TandemClient
-from clients.commands.chat import HUMAN, build_prompt
+from cli.chat import HUMAN, build_prompt
 
 pytestmark = pytest.mark.slow
 
 
 def tandem_command() -> list[str]:
     script = Path(sys.executable).parent / "tandem"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "clients.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
 
 
 def tandem(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -135,7 +135,7 @@ def test_serve_rejects_a_missing_model_folder(tmp_path):
 
 
 def test_chat_drops_the_oldest_turns_when_the_context_is_full(served, capsys):
-    from clients.commands.chat import _reply
+    from cli.chat import _reply
 
     turns = [("long " * 600, "ok"), ("short", "fine")]
     with TandemClient(served.address, timeout=60) as client:

@@ -12,9 +12,9 @@ import pytest
 from clients.aio_client import AsyncTandemClient
 from clients.client import TandemClient
 from clients.results import Completion, Delta, Status, TandemError
-from serving.config import EngineConfig
-from serving.engine import LLMEngine
-from serving.server import GenerationServer, ServerConfig
+from serving.engine.config import EngineConfig
+from serving.engine.engine import LLMEngine
+from serving.rpc.server import GenerationServer, ServerConfig
 
 
 @pytest.fixture(scope="module")

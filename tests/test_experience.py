@@ -11,12 +11,12 @@ import torch
 from clients.weight_push import hf_tensors, push_weights
 from learner.modeling import load_causal_lm
 from learner.ppo.experience import SequenceBatch
-from learner.ppo.remote_rollout import RemoteRolloutSource, RolloutError, request_for
-from learner.ppo.rollout import SamplingParams
+from learner.rollout.remote import RemoteRolloutSource, RolloutError, request_for
+from learner.rollout.local import SamplingParams
 from learner.ppo.trainer import sequence_logprobs
 from protos import tandem_pb2, tandem_pb2_grpc
-from serving.config import EngineConfig
-from serving.server import start_server
+from serving.engine.config import EngineConfig
+from serving.rpc.server import start_server
 
 TOKEN = "experience-test-token"
 PROMPTS = [[1, 300, 401, 17], [1, 52, 9], [1, 700, 33, 80, 91, 12, 5], [1, 1000]]

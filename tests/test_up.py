@@ -14,9 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.commands.up import parse_overrides
-from learner.up import UpConfig
-from serving.errors import ConfigError
+from cli.up import parse_overrides
+from learner.jobs.up import UpConfig
+from common.errors import ConfigError
 
 ITERATIONS = 2
 REDUCED = ["--data", "embedded:600", "--set", "sft.max_steps=20", "--set", "reward.max_steps=20",
@@ -24,7 +24,7 @@ REDUCED = ["--data", "embedded:600", "--set", "sft.max_steps=20", "--set", "rewa
 
 
 def up_command(run_dir, *extra) -> list[str]:
-    return [sys.executable, "-m", "clients.commands.up", "--run-dir", str(run_dir), *REDUCED, *extra]
+    return [sys.executable, "-m", "cli.up", "--run-dir", str(run_dir), *REDUCED, *extra]
 
 
 @pytest.mark.slow
@@ -105,7 +105,7 @@ def test_set_overrides_parse_json_values_and_refuse_bad_syntax():
 
 
 def test_tandem_up_refuses_a_bad_option_before_starting_anything(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "clients.commands.up", "--run-dir", str(tmp_path), "--ranks", "0"],
+    done = subprocess.run([sys.executable, "-m", "cli.up", "--run-dir", str(tmp_path), "--ranks", "0"],
                           capture_output=True, text=True, timeout=120, env={**os.environ})
     assert done.returncode == 2 and "--ranks" in done.stderr
     assert not (tmp_path / "server.log").exists()

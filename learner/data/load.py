@@ -15,7 +15,7 @@ from pathlib import Path
 from learner.data.adapters import ADAPTERS, detect_kind
 from learner.data.readers import JSON_SUFFIXES, TEXT_SUFFIXES, data_files, first_record, read_json_records, read_text_records
 from learner.data.sample import Sample
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from learner.data.load import LoadedDataset
 from learner.data.sample import Sample
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 
 def parse_split(data_split: str) -> list[float]:

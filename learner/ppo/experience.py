@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from learner.ppo.rollout import Rollout
+from learner.rollout.local import Rollout
 
 
 @dataclass

@@ -8,7 +8,7 @@ reward so reward hacking shows as a reward rising while the gold score does not.
 from __future__ import annotations
 
 from learner.config import PPOConfig
-from learner.ppo.rollout import LocalRolloutSource, Rollout, SamplingParams
+from learner.rollout.local import LocalRolloutSource, Rollout, SamplingParams
 
 DEFAULT_EVAL_PROMPTS = 64
 EVAL_BATCH = 32

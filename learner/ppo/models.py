@@ -18,7 +18,7 @@ from learner import ds
 from learner.config import PPOConfig
 from learner.modeling import ValueModel, apply_lora, load_causal_lm, load_tokenizer
 from learner.ppo.ema import ActorEMA
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from learner.data import CausalLMCollator, PromptDataset, TextDataset, load_data
 from learner.metrics import MetricsLogger
 from learner.ppo.gold import GoldJudge, gold_judge_for
 from learner.ppo.models import PPOModels, load_models
-from learner.ppo.prompts import PromptStream
-from learner.ppo.rollout import LocalRolloutSource, RolloutSource, SamplingParams
+from learner.rollout.prompts import PromptStream
+from learner.rollout.local import LocalRolloutSource, RolloutSource, SamplingParams
 from learner.ppo.trainer import PPOTrainer
 from learner.runtime import all_sum, cache_dir, check_inputs, loader, seed_everything, step_samples
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

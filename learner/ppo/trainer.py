@@ -19,7 +19,7 @@ from learner.config import PPOConfig
 from learner.ppo import math as pm
 from learner.ppo.ema import ActorEMA
 from learner.ppo.experience import ExperienceBatch, SequenceBatch, position_ids
-from learner.ppo.rollout import Rollout
+from learner.rollout.local import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class PPOTrainer:
         for a fresh row the ratio is 1 up to numerics. Local rollouts: none."""
         if self.config.rollout != "remote":
             return None, {}
-        from learner.ppo.off_policy import truncated_importance_ratios
+        from learner.rollout.staleness import truncated_importance_ratios
 
         weights, stats = truncated_importance_ratios(mb.logprobs, mb.behaviour_logprobs, mb.action_mask,
                                                      cap=IMPORTANCE_CAP)

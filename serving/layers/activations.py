@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

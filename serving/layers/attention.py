@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serving.batch import ScheduledChunk
+from serving.engine.batch import ScheduledChunk
 
 
 @dataclass

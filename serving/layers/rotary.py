@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 

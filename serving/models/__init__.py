@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from serving.errors import ConfigError
+from common.errors import ConfigError
 from serving.models.base import CausalLM
-from serving.models.loader import iter_checkpoint
+from common.checkpoint import iter_checkpoint
 
 
 def _registry() -> dict[str, type[CausalLM]]:

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from serving.errors import ConfigError, FieldError
+from common.errors import ConfigError, FieldError
 
 logger = logging.getLogger(__name__)
 

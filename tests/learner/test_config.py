@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from clients.commands import learn
+from cli import learn
 from learner.__main__ import main
 from learner.cli_args import parse_config
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 
 def test_json_file_then_command_line_override(tmp_path):

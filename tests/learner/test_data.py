@@ -11,7 +11,7 @@ import torch
 from learner.data import (CausalLMCollator, PairCollator, PairDataset, PromptCollator, PromptDataset, Sample,
                           SFTDataset, TextDataset, load_dataset, split_for_steps)
 from learner.data.load import LoadedDataset, DataReport
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 
 def write_jsonl(path, rows):

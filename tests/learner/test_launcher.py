@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_two_ranks_zero3_under_the_deepspeed_launcher(alpaca_path, tinystories_path, tmp_path):
     out = tmp_path / "sft"
     env = {**os.environ, "TANDEM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    command = [sys.executable, "-m", "clients.commands.learn", "sft", "--num-ranks", "2", "--zero_stage", "3",
+    command = [sys.executable, "-m", "cli.learn", "sft", "--num-ranks", "2", "--zero_stage", "3",
                "--model", str(tinystories_path), "--data", f"alpaca:{alpaca_path}", "--data_split", "1,0,0",
                "--output_dir", str(out), "--max_seq_len", "64", "--batch_size", "4", "--max_steps", "16",
                "--learning_rate", "2e-3", "--eval_fraction", "0.01", "--log_every", "4"]

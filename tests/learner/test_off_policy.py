@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learner.ppo.off_policy import split_by_staleness, stale_rows, staleness, truncated_importance_ratios
+from learner.rollout.staleness import split_by_staleness, stale_rows, staleness, truncated_importance_ratios
 
 
 def test_staleness_is_learner_version_minus_sample_version():

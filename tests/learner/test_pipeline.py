@@ -8,8 +8,8 @@ import math
 import pytest
 from transformers import AutoModelForCausalLM
 
-from learner.pipeline import run_pipeline
-from serving.errors import ConfigError
+from learner.jobs.pipeline import run_pipeline
+from common.errors import ConfigError
 
 
 @pytest.mark.slow

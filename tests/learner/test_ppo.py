@@ -15,10 +15,10 @@ from learner import checkpoint, modeling
 from learner.config import DeepSpeedOptions, LoraOptions, PPOConfig
 from learner.ppo import math as pm
 from learner.ppo.models import load_models
-from learner.ppo.rollout import LocalRolloutSource, SamplingParams
+from learner.rollout.local import LocalRolloutSource, SamplingParams
 from learner.ppo.step import run_ppo
 from learner.ppo.trainer import PPOTrainer, sequence_logprobs, sequence_values
-from serving.errors import ConfigError
+from common.errors import ConfigError
 
 NAMES = ["Lily", "Tom", "Sue", "Ben", "Max", "Mia"]
 THINGS = ["ball", "cat", "tree", "cake", "boat", "hat"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from serving.batch import ScheduledChunk
-from serving.model_runner import ModelRunner
+from serving.engine.batch import ScheduledChunk
+from serving.engine.model_runner import ModelRunner
 
 
 def greedy_generate(runner: ModelRunner, prompts: list[list[int]], max_new_tokens: int, chunk_size: int,

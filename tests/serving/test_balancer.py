@@ -16,9 +16,9 @@ import pytest
 
 from clients.client import TandemClient
 from clients.results import TandemError
-from serving.balancer import Balancer, BalancerConfig
-from serving.errors import ConfigError
-from serving.replicas import wait_for_replicas
+from serving.fleet.balancer import Balancer, BalancerConfig
+from common.errors import ConfigError
+from serving.fleet.replicas import wait_for_replicas
 
 PROMPTS = [f"Once upon a time, there was a {animal} who" for animal in
            ("cat", "dog", "bird", "fish", "frog", "bear", "duck", "lion", "cow", "pig", "owl", "fox")]
@@ -29,7 +29,7 @@ PUSH_TOKEN = "balancer-test-token"
 
 
 def start_replica(model) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clients.cli", "--log-level", "WARNING", "serve", "--model",
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "WARNING", "serve", "--model",
                              str(model), "--port", "0", "--device", "cpu", "--dtype", "float32"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "TANDEM_PUSH_TOKEN": PUSH_TOKEN})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from serving.block_manager import BlockManager
-from serving.sampling_params import SamplingParams
-from serving.sequence import Sequence
+from serving.engine.block_manager import BlockManager
+from serving.engine.sampling_params import SamplingParams
+from serving.engine.sequence import Sequence
 
 BS = 4
 

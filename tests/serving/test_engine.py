@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.config import EngineConfig
-from serving.engine import LLMEngine
-from serving.errors import InvalidRequest
+from serving.engine.config import EngineConfig
+from serving.engine.engine import LLMEngine
+from common.errors import InvalidRequest
 from serving.models.random_init import save_random_checkpoint
-from serving.sampling_params import SamplingParams
+from serving.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=20)
 

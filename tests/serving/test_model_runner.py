@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.batch import ScheduledChunk
-from serving.config import EngineConfig
-from serving.errors import ConfigError, FieldError
-from serving.model_runner import ModelRunner
+from serving.engine.batch import ScheduledChunk
+from serving.engine.config import EngineConfig
+from common.errors import ConfigError, FieldError
+from serving.engine.model_runner import ModelRunner
 from serving.models.random_init import save_random_checkpoint
 
 from model_runner_checks import check_logits, greedy_generate, hf_greedy, hf_model

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serving.config import EngineConfig
-from serving.errors import ConfigError
-from serving.model_runner import ModelRunner
+from serving.engine.config import EngineConfig
+from common.errors import ConfigError
+from serving.engine.model_runner import ModelRunner
 from serving.models import load_model
 from serving.models.random_init import save_random_checkpoint
 
@@ -57,7 +57,7 @@ def test_llama_variants_match_hf_logits(tmp_path):
 
 
 def test_bfloat16_runs_close_to_float32(tinystories_path):
-    from serving.batch import ScheduledChunk
+    from serving.engine.batch import ScheduledChunk
 
     prompt = list(range(5, 45))
     logits = []

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from serving.detokenizer import IncrementalDetokenizer
-from serving.errors import InvalidRequest
-from serving.sampler import Sampler
-from serving.sampling_params import SamplingParams
-from serving.sequence import Sequence
+from serving.engine.detokenizer import IncrementalDetokenizer
+from common.errors import InvalidRequest
+from serving.engine.sampler import Sampler
+from serving.engine.sampling_params import SamplingParams
+from serving.engine.sequence import Sequence
 
 VOCAB = 300
 

@@ -12,11 +12,11 @@ import random
 import pytest
 import torch
 
-from serving.block_manager import BlockManager
-from serving.errors import ConfigError
-from serving.sampling_params import SamplingParams
-from serving.scheduler import Scheduler, SchedulerConfig
-from serving.sequence import Sequence, SequenceStatus
+from serving.engine.block_manager import BlockManager
+from common.errors import ConfigError
+from serving.engine.sampling_params import SamplingParams
+from serving.engine.scheduler import Scheduler, SchedulerConfig
+from serving.engine.sequence import Sequence, SequenceStatus
 
 BS = 4
 

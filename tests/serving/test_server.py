@@ -11,9 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import tandem_pb2, tandem_pb2_grpc
-from serving.config import EngineConfig
-from serving.engine import LLMEngine
-from serving.server import SERVICE_NAME, GenerationServer, ServerConfig
+from serving.engine.config import EngineConfig
+from serving.engine.engine import LLMEngine
+from serving.rpc.server import SERVICE_NAME, GenerationServer, ServerConfig
 
 PROMPTS = [
     "Once upon a time",
@@ -290,7 +290,7 @@ def test_second_stop_request_cancels_in_flight_requests(tinystories_path):
 
 
 class HoldGate:
-    """A gate as serving.weight_update.WeightSwapper implements it: holds new batches until released."""
+    """A gate as serving.weights.swap.WeightSwapper implements it: holds new batches until released."""
 
     def __init__(self):
         self.holding = True
@@ -305,8 +305,8 @@ class HoldGate:
 
 
 def test_gate_holds_new_batches_until_it_opens(tinystories_path):
-    from serving.engine_loop import EngineLoop, RequestStream
-    from serving.sampling_params import SamplingParams
+    from serving.engine.loop import EngineLoop, RequestStream
+    from serving.engine.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=str(tinystories_path), device="cpu", num_kv_blocks=64))
     gate = HoldGate()
@@ -323,7 +323,7 @@ def test_gate_holds_new_batches_until_it_opens(tinystories_path):
 
 
 def test_a_taken_port_is_a_config_error_naming_the_port(server, tinystories_path):
-    from serving.errors import ConfigError
+    from common.errors import ConfigError
 
     engine = LLMEngine(EngineConfig(model=str(tinystories_path), device="cpu", num_kv_blocks=16))
     second = GenerationServer(engine, ServerConfig(port=server.port), model_name="tinystories")

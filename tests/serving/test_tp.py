@@ -16,14 +16,14 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.results import TandemError
-from serving.config import EngineConfig
-from serving.engine import LLMEngine
-from serving.errors import ConfigError, FieldError
+from serving.engine.config import EngineConfig
+from serving.engine.engine import LLMEngine
+from common.errors import ConfigError, FieldError
 from serving.models.random_init import save_random_checkpoint
-from serving.sampling_params import SamplingParams
-from serving.tp import check_tensor_parallel, layout_of, shard_for_rank, unshard
-from serving.tp_serve import build_tp_engine
-from serving.tp_runner import TPModelRunner
+from serving.engine.sampling_params import SamplingParams
+from serving.parallel.tp import check_tensor_parallel, layout_of, shard_for_rank, unshard
+from serving.parallel.serve import build_tp_engine
+from serving.parallel.runner import TPModelRunner
 
 STORY_PROMPTS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
@@ -126,7 +126,7 @@ def test_tp2_greedy_identical_to_tp1_and_half_the_sharded_weights_per_rank(model
 
         if model == "random-gqa":                                  # a sharded weight update (full tensors in)
             new_path = save_random_checkpoint(tmp_path / "v1", "llama", seed=11, **GQA_LLAMA)
-            from serving.models.loader import iter_checkpoint
+            from common.checkpoint import iter_checkpoint
 
             tensors = dict(iter_checkpoint(new_path))
             bad = dict(tensors, **{"model.layers.1.mlp.up_proj.weight": torch.zeros(4, 64)})
@@ -147,8 +147,8 @@ def test_tp2_greedy_identical_to_tp1_and_half_the_sharded_weights_per_rank(model
 @pytest.mark.slow
 def test_a_killed_rank_turns_health_not_serving_and_the_server_exits_nonzero(tinystories_path, tmp_path):
     script = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
-              "from serving.config import EngineConfig; from serving.server import ServerConfig; "
-              "from serving.tp_serve import serve_tensor_parallel; "
+              "from serving.engine.config import EngineConfig; from serving.rpc.server import ServerConfig; "
+              "from serving.parallel.serve import serve_tensor_parallel; "
               f"sys.exit(serve_tensor_parallel(EngineConfig(model={str(tinystories_path)!r}, device='cpu', "
               "dtype='float32'), ServerConfig(port=0), 2, "
               "ready=lambda s: print('serving on', s.address, flush=True)))")

@@ -2,8 +2,8 @@
 
 Everything runs on TinyStories-656K (a real checkpoint) with the real engine; references are HF
 `generate` (greedy) of the same weights. Engine-level tests drive the stage and the swap directly;
-the gRPC tests run the real server on 127.0.0.1 (serving.server.start_server, whose PushWeights
-delegates to serving.weight_service) and skip with a reason if that delegation is missing.
+the gRPC tests run the real server on 127.0.0.1 (serving.rpc.server.start_server, whose PushWeights
+delegates to serving.rpc.push_service) and skip with a reason if that delegation is missing.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 from clients.weight_push import StreamingPush, lora_adapter, push_weights, weight_messages
 from protos import tandem_pb2, tandem_pb2_grpc
 from protos.codec import roundtrip
-from serving.auth import NOT_CONFIGURED, PushAuth, bearer_metadata
-from serving.config import EngineConfig
-from serving.errors import FieldError, InvalidRequest
-from serving.sampling_params import SamplingParams
-from serving.weight_stage import StagedUpdate, WeightStage
-from serving.weight_update import WeightSwapper, WeightUpdater
+from protos.auth import NOT_CONFIGURED, PushAuth, bearer_metadata
+from serving.engine.config import EngineConfig
+from common.errors import FieldError, InvalidRequest
+from serving.engine.sampling_params import SamplingParams
+from serving.weights.stage import StagedUpdate, WeightStage
+from serving.weights.swap import WeightSwapper, WeightUpdater
 
 NEW = 10   # greedy tokens per prompt (EOS masked until then, in the engine and in HF alike)
 TEXTS = ["Once upon a time, there was a little girl named", "The dog ran to the park and", "Tom had a red ball."]
@@ -47,7 +47,7 @@ def prompts(tinystories_path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def engine(tinystories_path):
-    from serving.engine import LLMEngine
+    from serving.engine.engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=str(tinystories_path), num_kv_blocks=96, token_budget=32))
 
@@ -231,7 +231,7 @@ def test_lora_on_gpt2_conv1d_weights_is_transposed_into_place(tmp_path, prompts)
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
 
-    from serving.engine import LLMEngine
+    from serving.engine.engine import LLMEngine
     from serving.models.random_init import save_random_checkpoint
 
     folder = save_random_checkpoint(tmp_path / "gpt2", "gpt2", seed=0, n_embd=64, n_layer=2, n_head=4,
@@ -251,7 +251,7 @@ def test_lora_on_gpt2_conv1d_weights_is_transposed_into_place(tmp_path, prompts)
 def test_promote_refuses_bad_options_naming_them(tmp_path, capsys):
     import argparse
 
-    from clients.commands import promote
+    from cli import promote
 
     parser = argparse.ArgumentParser(prog="tandem")
     promote.add_parser(parser.add_subparsers())
@@ -317,10 +317,10 @@ TOKEN = "tandem-test-token"
 
 @pytest.fixture(scope="module")
 def server(tinystories_path, tmp_path_factory):
-    from serving import server as server_module
+    from serving.rpc import server as server_module
 
     if not hasattr(server_module, "start_server") or "PushWeights" not in vars(server_module.GenerationService):
-        pytest.skip("serving/server.py does not delegate PushWeights to serving.weight_service yet")
+        pytest.skip("serving/rpc/server.py does not delegate PushWeights to serving.rpc.push_service yet")
     token_file = tmp_path_factory.mktemp("auth") / "push_token"
     token_file.write_text(TOKEN + "\n")
     srv = server_module.start_server(EngineConfig(model=str(tinystories_path), num_kv_blocks=96, token_budget=32),
@@ -347,7 +347,7 @@ def weights_of(server) -> dict[str, torch.Tensor]:
 
 
 def test_promoted_checkpoint_serves_like_hf_generate_and_status_shows_it(server, stub, hf_base, prompts, tmp_path):
-    from clients.commands import promote
+    from cli import promote
 
     named = perturbed(hf_base, seed=11)
     model = hf_with(hf_base, named)
@@ -378,8 +378,8 @@ def test_unauthenticated_pushes_get_unauthenticated_and_change_nothing(server, s
             push_weights(server.address, named, token=token, version=version + 1)
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED, err.value
     # a server with no token configured refuses every push, and says how to configure one
-    from serving import server as server_module
-    from serving.weight_service import WeightPushHandler
+    from serving.rpc import server as server_module
+    from serving.rpc.push_service import WeightPushHandler
 
     swapper = server.service.push_handler.swapper
     open_service = server_module.GenerationService(server.loop, "no-token", WeightPushHandler(PushAuth(None), swapper))
@@ -402,9 +402,9 @@ def test_push_over_tls_with_the_token(server, stub, hf_base, tmp_path):
     import shutil
     import subprocess
 
-    from serving import server as server_module
-    from serving.auth import channel_credentials, server_credentials
-    from serving.weight_service import WeightPushHandler
+    from serving.rpc import server as server_module
+    from protos.auth import channel_credentials, server_credentials
+    from serving.rpc.push_service import WeightPushHandler
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: cannot make a test certificate")

@@ -1,0 +1,145 @@
+"""`tandem up`: the main job. Serve a model, train it (SFT, reward model, PPO through the server), show it improved.
+
+    run_up(UpConfig(run_dir="runs/up")) -> summary dict
+
+1. the embedded default model (pre-trained and cached on first use) or --model;
+2. the generation server as a child process (`tandem serve --port 0`, a fresh push token);
+3. the learner as a child process (`python -m learner.jobs.up_worker`, or the deepspeed launcher for
+   several ranks): SFT, reward model, then PPO whose rollouts come from the server, overlapped with
+   training under bounded staleness, with the actor pushed to the server after every iteration;
+4. the figures: gold score before/after PPO (and of the served model), reward-model accuracy, the
+   reward curve (also PNGs), the weight-sync figures, and a completion from the improved model, live.
+Ctrl-C stops the learner, then the server (gracefully), and exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common.net import free_port
+from common.process import ServiceProcess, child_env
+from serving import launch
+from common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = {"none": "float32", "float32": "float32", "bfloat16": "bfloat16", "int8": "int8", "int4": "int4"}
+
+
+@dataclass
+class UpConfig:
+    run_dir: str = "runs/up"
+    model: str = ""                  # local HF folder; "" = the embedded default model
+    data: list[str] = field(default_factory=list)   # dataset specs; [] = the pipeline's embedded data
+    seed: int = 1234
+    ranks: int = 1                   # learner ranks (the deepspeed launcher when > 1)
+    zero_stage: int = -1             # -1: 0 for one rank, 3 for several
+    iterations: int = 0              # PPO iterations; 0 = the pipeline's default
+    max_staleness: int = 1           # weight versions a rollout sample may lag the learner
+    push_quantize: str = "none"      # none | bfloat16 | int8 | int4 on the wire
+    summary: str = ""                # write the final figures here as JSON
+    overrides: dict = field(default_factory=dict)   # {"sft"|"reward"|"ppo": {field: value}}
+    server_threads: int = 1          # torch threads of the server process
+    learner_threads: int = 1         # torch threads of each learner rank (2 cores: 1 + 1 beats contention)
+    start_timeout_s: float = 300.0
+
+    def validate(self) -> "UpConfig":
+        if not self.run_dir:
+            raise ConfigError("run_dir", "must not be empty")
+        if self.model and not (Path(self.model) / "config.json").is_file():
+            raise ConfigError("model", f"no HF model folder (config.json) at {self.model!r}")
+        if self.ranks < 1:
+            raise ConfigError("ranks", f"must be >= 1, got {self.ranks}")
+        if self.zero_stage not in (-1, 0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"must be 0..3 (or -1 for automatic), got {self.zero_stage}")
+        if self.iterations < 0:
+            raise ConfigError("iterations", f"must be >= 1 (0 = default), got {self.iterations}")
+        if self.max_staleness < 0:
+            raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
+        if self.push_quantize not in ENCODINGS:
+            raise ConfigError("push_quantize", f"must be one of {', '.join(ENCODINGS)}, got {self.push_quantize!r}")
+        unknown = set(self.overrides) - {"sft", "reward", "ppo"}
+        if unknown:
+            raise ConfigError("overrides", f"unknown step(s) {sorted(unknown)}: use sft, reward, ppo")
+        for name in ("server_threads", "learner_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+def start_server(model: str, run_dir: Path, token_file: Path, threads: int, timeout: float) -> ServiceProcess:
+    env = child_env(OMP_NUM_THREADS=str(threads), TANDEM_PUSH_TOKEN="")
+    return launch.start_server(["--model", model, "--port", "0", "--push-token-file", str(token_file),
+                                "--grace-period", "5"], env=env, log_file=run_dir / "server.log", timeout_s=timeout)
+
+
+def learner_command(spec_file: Path, ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "learner.jobs.up_worker", str(spec_file)]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+            str(free_port()), "--module", "learner.jobs.up_worker", str(spec_file)]
+
+
+def run_up(config: UpConfig) -> dict:
+    """Run the whole job; returns the summary (also written to <run_dir>/up_summary.json and config.summary)."""
+    from learner.jobs.up_report import finish
+
+    config.validate()
+    run_dir = Path(config.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    times: dict[str, float] = {}
+    model = config.model
+    if not model:
+        from learner.task import default_model_path
+
+        model = str(default_model_path())
+    times["model_s"] = time.perf_counter() - began
+    token_file = run_dir / "push_token"
+    token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o600)
+
+    server = learner = None
+    try:
+        t = time.perf_counter()
+        server = start_server(model, run_dir, token_file, config.server_threads, config.start_timeout_s)
+        times["server_start_s"] = time.perf_counter() - t
+        print(f"tandem up: serving {model} on {server.address} (log: {run_dir / 'server.log'})", flush=True)
+        spec = {"run_dir": str(run_dir), "server": server.address, "token_file": str(token_file), "model": model,
+                "seed": config.seed, "data": config.data, "iterations": config.iterations,
+                "max_staleness": config.max_staleness, "encoding": ENCODINGS[config.push_quantize],
+                "deepspeed": {"zero_stage": config.zero_stage if config.zero_stage >= 0 else
+                              (0 if config.ranks == 1 else 3), "num_ranks": config.ranks},
+                "overrides": config.overrides, "threads": config.learner_threads}
+        spec_file = run_dir / "up_spec.json"
+        spec_file.write_text(json.dumps(spec, indent=2))
+        (run_dir / "learner.json").unlink(missing_ok=True)
+        t = time.perf_counter()
+        learner = ServiceProcess("learner", learner_command(spec_file, config.ranks), child_env())
+        code = learner.wait()
+        times["learner_s"] = time.perf_counter() - t
+        if code != 0 or not (run_dir / "learner.json").is_file():
+            raise RuntimeError(f"the learner failed (exit status {code}); see its output above")
+        learned = json.loads((run_dir / "learner.json").read_text())
+        summary = finish(config, learned, server.address, model, times, began)
+    finally:
+        if learner is not None:
+            learner.stop(grace=10.0)
+        if server is not None:
+            server.stop(grace=10.0)
+    (run_dir / "up_summary.json").write_text(json.dumps(summary, indent=2))
+    if config.summary:
+        Path(config.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.summary).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def config_dict(config: UpConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,210 @@
+"""Rollouts from the generation server (StreamExperience), overlapped with training, bounded staleness.
+
+    source = RemoteRolloutSource("127.0.0.1:50051", max_staleness=1, upcoming=next_prompt_batch)
+    rollouts = source.generate(prompt_ids, params)      # L1's RolloutSource protocol
+    ...train on them...; push weights; source.learner_version = pushed_version
+
+Overlap: as soon as batch k is handed to the trainer, batch k+1 (from `upcoming()`, or given to
+`prefetch`) is submitted, so the server generates it while the learner trains on batch k. When the
+learner later asks for batch k+1 the prompts are checked against the prefetched ones (a mismatch
+cancels the prefetch and generates afresh). Each sample carries the weight version that made it;
+its staleness is `learner_version - version`. Samples within `max_staleness` are kept (the trainer
+corrects stale ones with truncated importance ratios, learner.rollout.staleness); samples beyond it are
+dropped and generated again with the server's current weights. With max_staleness 0 nothing is
+prefetched (strictly on-policy). The counts of each batch are in `last_stats`, totals in `totals`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import Counter
+from typing import Callable
+
+import grpc
+
+from learner.rollout.staleness import split_by_staleness
+from learner.rollout.local import Rollout, SamplingParams
+from protos import tandem_pb2, tandem_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH = {tandem_pb2.FINISH_REASON_STOP: "stop", tandem_pb2.FINISH_REASON_LENGTH: "length",
+          tandem_pb2.FINISH_REASON_ABORT: "abort"}
+MAX_REGENERATIONS = 2
+
+
+class RolloutError(RuntimeError):
+    """The server refused or broke a rollout; the message carries its gRPC status."""
+
+
+def request_for(prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1,
+                rollout_id: str = "") -> tandem_pb2.RolloutRequest:
+    msg = tandem_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                    max_new_tokens=params.max_new_tokens)
+    if params.seed is not None:
+        msg.seed = params.seed
+    return tandem_pb2.RolloutRequest(
+        prompts=[tandem_pb2.Prompt(token_ids=tandem_pb2.TokenIds(ids=p)) for p in prompts], params=msg,
+        samples_per_prompt=samples_per_prompt, rollout_id=rollout_id or uuid.uuid4().hex)
+
+
+def rollout_from_experience(e: tandem_pb2.Experience) -> Rollout:
+    return Rollout(prompt_ids=list(e.prompt_token_ids), response_ids=list(e.response_token_ids),
+                   logprobs=list(e.behaviour_logprobs), finish_reason=FINISH.get(e.finish_reason, "length"),
+                   weight_version=e.weight_version, text=e.response_text,
+                   meta={"rollout_id": e.rollout_id, "sample_index": e.sample_index})
+
+
+class RolloutJob:
+    """One StreamExperience call, drained on a helper thread as the experiences arrive."""
+
+    def __init__(self, stub, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int,
+                 timeout: float | None, sent: SamplingParams | None = None):
+        self.prompts, self.params, self.samples = prompts, params, samples_per_prompt
+        self.request = request_for(prompts, sent or params, samples_per_prompt)   # `sent`: seeded params
+        self.results: dict[tuple[int, int], Rollout] = {}
+        self.error: BaseException | None = None
+        self._call = stub.StreamExperience(self.request, timeout=timeout)
+        self._thread = threading.Thread(target=self._drain, name="rollout", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            for e in self._call:
+                self.results[(e.prompt_index, e.sample_index)] = rollout_from_experience(e)
+        except grpc.RpcError as err:
+            self.error = err
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            self.error = err
+
+    def matches(self, prompts: list[list[int]], params: SamplingParams) -> bool:
+        return self.prompts == prompts and self.params == params
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._thread.join(timeout=10)
+
+    def result(self) -> list[Rollout]:
+        """The rollouts, prompt-major (prompt 0's samples first); raises RolloutError on a failed call."""
+        self._thread.join()
+        if self.error is not None:
+            err = self.error
+            if isinstance(err, grpc.RpcError):
+                raise RolloutError(f"StreamExperience failed: {err.code().name}: {err.details()}") from None
+            raise RolloutError(f"StreamExperience failed: {err!r}") from err
+        expected = len(self.prompts) * self.samples
+        if len(self.results) != expected:
+            raise RolloutError(f"StreamExperience ended after {len(self.results)} of {expected} samples")
+        return [self.results[(p, s)] for p in range(len(self.prompts)) for s in range(self.samples)]
+
+
+class RemoteRolloutSource:
+    """L1's RolloutSource over a generation server; see the module docstring."""
+
+    def __init__(self, server: str, *, max_staleness: int = 1, learner_version: int | None = None,
+                 upcoming: Callable[[], list[list[int]]] | None = None, timeout: float | None = 600.0,
+                 seed: int | None = None):
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.server = server
+        self.max_staleness = max_staleness
+        self.upcoming = upcoming
+        self.timeout = timeout
+        self.seed = seed
+        self._calls = 0
+        self._channel = grpc.insecure_channel(server)
+        self._stub = tandem_pb2_grpc.GenerationStub(self._channel)
+        self.learner_version = self.server_version() if learner_version is None else int(learner_version)
+        self._pending: RolloutJob | None = None
+        self.last_stats: dict[str, float] = {}
+        self.totals: Counter = Counter()
+
+    def server_version(self) -> int:
+        try:
+            return self._stub.GetStatus(tandem_pb2.StatusRequest(), timeout=30).weight_version
+        except grpc.RpcError as err:
+            raise RolloutError(f"{self.server}: GetStatus failed: {err.code().name}: {err.details()}") from None
+
+    def _params(self, params: SamplingParams) -> SamplingParams:
+        if params.seed is not None or self.seed is None:
+            return params
+        self._calls += 1
+        return SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k,
+                              seed=self.seed + self._calls)
+
+    def _start(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> RolloutJob:
+        return RolloutJob(self._stub, [list(p) for p in prompts], params, samples_per_prompt, self.timeout,
+                          sent=self._params(params))
+
+    def prefetch(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Start generating the next batch now (it runs while the learner trains)."""
+        self.cancel_prefetch()
+        if self.max_staleness > 0 and prompts:
+            self._pending = self._start(prompts, params)
+
+    def cancel_prefetch(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        """One Rollout per prompt, in order, each within the staleness bound; then prefetch the next batch."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        prompts = [list(p) for p in prompts]
+        job, self._pending = self._pending, None
+        if job is not None and not job.matches(prompts, params):
+            log.warning("remote rollout: the prefetched batch is not the one asked for; generating afresh")
+            job.cancel()
+            job = None
+        prefetched = job is not None
+        rollouts = (job or self._start(prompts, params)).result()
+        rollouts, stats = self._within_bound(prompts, params, rollouts)
+        stats["rollout_prefetched"] = float(prefetched)
+        self.last_stats = stats
+        self.totals.update({k: v for k, v in stats.items() if k != "rollout_max_staleness"})
+        if self.upcoming is not None and self.max_staleness > 0:
+            next_prompts = self.upcoming()
+            if next_prompts:
+                self.prefetch(next_prompts, params)
+        return rollouts
+
+    def _within_bound(self, prompts, params, rollouts: list[Rollout]) -> tuple[list[Rollout], dict[str, float]]:
+        """Replace samples beyond max_staleness by fresh ones; the counts of the first pass."""
+        split = split_by_staleness([r.weight_version for r in rollouts], self.learner_version, self.max_staleness)
+        stats = split.metrics()
+        todo = split.drop
+        for _ in range(MAX_REGENERATIONS):
+            if not todo:
+                break
+            log.info("remote rollout: %d of %d samples beyond max_staleness %d (learner v%d): generating again",
+                     len(todo), len(rollouts), self.max_staleness, self.learner_version)
+            again = self._start([prompts[i] for i in todo], params).result()
+            for i, r in zip(todo, again):
+                rollouts[i] = r
+            redo = split_by_staleness([r.weight_version for r in again], self.learner_version, self.max_staleness)
+            todo = [todo[i] for i in redo.drop]
+        if todo:
+            raise RolloutError(f"the server at {self.server} serves weight version {self.server_version()} but the "
+                               f"learner is at v{self.learner_version}: samples stay beyond max_staleness "
+                               f"{self.max_staleness} (are the learner's weights being pushed?)")
+        if split.stale:
+            log.info("remote rollout: %d stale samples kept (lag <= %d), %d fresh", split.stale,
+                     self.max_staleness, split.fresh)
+        return rollouts, stats
+
+    def rollout(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int) -> list[Rollout]:
+        """`samples_per_prompt` samples of every prompt (prompt-major), synchronously, no staleness check."""
+        return self._start(prompts, params, samples_per_prompt).result()
+
+    def close(self) -> None:
+        self.cancel_prefetch()
+        self._channel.close()
+
+    def __enter__(self) -> "RemoteRolloutSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

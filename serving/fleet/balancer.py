@@ -1,0 +1,270 @@
+"""One gRPC address in front of several generation servers (replicas), in the style of MII's load balancer.
+
+Routing: each Generate / GenerateStream / StreamExperience / GetStatus call goes to the healthy replica
+with the fewest calls in flight through this balancer (ties broken round-robin). Messages are relayed
+as raw bytes: the balancer never decodes a request, so it adds one hop and no (de)serialisation.
+
+Failures: a health-check thread asks every replica's standard health service twice a second; a replica
+that does not answer SERVING is out of rotation until it does again (a call that fails with UNAVAILABLE
+takes its replica out at once); when no replica is healthy, calls still try each one once. A call that fails on a replica with a retriable code (UNAVAILABLE,
+INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, or CANCELLED while the client is still there) is retried on
+another replica when nothing has been relayed to the client yet — always for unary calls, and for
+streams until their first message; after that the client gets the error. Other codes (e.g.
+INVALID_ARGUMENT) pass through untouched.
+
+PushWeights is fanned out: the pushed stream is buffered, then sent to every healthy replica (with the
+caller's metadata, so the push credential travels); the answer is the first replica's PushResult when
+all succeeded, else the first error, naming the replica. The balancer's own health service reports
+SERVING while at least one replica is healthy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "tandem.v1.Generation"
+ROUTED_UNARY = ("Generate", "GetStatus")
+ROUTED_STREAM = ("GenerateStream", "StreamExperience")
+RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+             grpc.StatusCode.RESOURCE_EXHAUSTED}
+_HOP_HEADERS = ("user-agent", "grpc-", ":")
+
+
+@dataclass
+class BalancerConfig:
+    backends: list[str]                # host:port of each replica
+    host: str = "127.0.0.1"
+    port: int = 50051                  # 0: pick a free port
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 2.0
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = 64 << 20
+
+    def validate(self) -> "BalancerConfig":
+        if not self.backends:
+            raise ConfigError("backends", "at least one replica address (host:port) is required")
+        for address in self.backends:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError("backends", f"{address!r} is not host:port")
+        if not 0 <= int(self.port) <= 65535:
+            raise ConfigError("port", f"must be in [0, 65535], got {self.port}")
+        if not self.health_interval_s > 0:
+            raise ConfigError("health_interval_s", f"must be > 0, got {self.health_interval_s}")
+        return self
+
+
+@dataclass
+class Replica:
+    address: str
+    channel: grpc.Channel
+    healthy: bool = False
+    in_flight: int = 0
+    served: int = 0                    # calls routed here (tests and logs read it)
+    methods: dict = field(default_factory=dict)
+
+
+class Balancer:
+    """`start()` -> port, `stop()`; `replicas` shows rotation and load."""
+
+    def __init__(self, config: BalancerConfig):
+        self.config = config.validate()
+        options = [("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.max_receive_message_length", config.max_message_bytes)]
+        self.replicas = [self._replica(a, options) for a in config.backends]
+        self.port = 0
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+        self._stopping = threading.Event()
+        self.health = health.HealthServicer()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + 4,
+                                                              thread_name_prefix="balancer"),
+                                   options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        handlers = {m: grpc.unary_unary_rpc_method_handler(self._unary_handler(m)) for m in ROUTED_UNARY}
+        handlers.update({m: grpc.unary_stream_rpc_method_handler(self._stream_handler(m)) for m in ROUTED_STREAM})
+        handlers["PushWeights"] = grpc.stream_unary_rpc_method_handler(self._push)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self._checker = threading.Thread(target=self._check_health, name="balancer-health", daemon=True)
+
+    @staticmethod
+    def _replica(address: str, options) -> Replica:
+        channel = grpc.insecure_channel(address, options=options)
+        path = f"/{SERVICE_NAME}/"
+        methods = {m: channel.unary_unary(path + m) for m in ROUTED_UNARY}
+        methods.update({m: channel.unary_stream(path + m) for m in ROUTED_STREAM})
+        methods["PushWeights"] = channel.stream_unary(path + "PushWeights")
+        methods["Health"] = health_pb2_grpc.HealthStub(channel).Check
+        return Replica(address, channel, methods=methods)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> int:
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise ConfigError("port", f"cannot bind {self.config.host}:{self.config.port}")
+        self.probe_all()
+        self._checker.start()
+        self._server.start()
+        return self.port
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._stopping.set()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        for replica in self.replicas:
+            replica.channel.close()
+
+    def healthy_count(self) -> int:
+        with self._lock:
+            return sum(r.healthy for r in self.replicas)
+
+    # ---------------------------------------------------------------- health
+
+    def _probe(self, replica: Replica) -> None:
+        try:
+            reply = replica.methods["Health"](health_pb2.HealthCheckRequest(service=""),
+                                              timeout=self.config.health_timeout_s)
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            ok = False
+        self._set_healthy(replica, ok)
+
+    def _set_healthy(self, replica: Replica, ok: bool) -> None:
+        with self._lock:
+            changed = replica.healthy != ok
+            replica.healthy = ok
+            any_healthy = any(r.healthy for r in self.replicas)
+        if changed:
+            log.log(logging.INFO if ok else logging.WARNING, "replica %s is %s", replica.address,
+                    "in rotation" if ok else "out of rotation")
+        status = health_pb2.HealthCheckResponse.SERVING if any_healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not self._stopping.is_set():
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, status)
+
+    def probe_all(self) -> None:
+        for replica in self.replicas:
+            self._probe(replica)
+
+    def _check_health(self) -> None:
+        while not self._stopping.wait(self.config.health_interval_s):
+            self.probe_all()
+
+    # ---------------------------------------------------------------- routing
+
+    def _acquire(self, tried: set[str]) -> Replica | None:
+        """The least-loaded healthy replica not tried yet (its in-flight count taken); when none is healthy,
+        any replica not tried yet (a missed health check may only mean a busy machine); else None."""
+        with self._lock:
+            untried = [r for r in self.replicas if r.address not in tried]
+            candidates = [r for r in untried if r.healthy] or untried
+            if not candidates:
+                return None
+            turn = next(self._turn)
+            n = len(self.replicas)
+            best = min(candidates, key=lambda r: (r.in_flight, (self.replicas.index(r) - turn) % n))
+            best.in_flight += 1
+            best.served += 1
+            return best
+
+    def _release(self, replica: Replica) -> None:
+        with self._lock:
+            replica.in_flight -= 1
+
+    def _retriable(self, err: grpc.RpcError, context, replica: Replica) -> bool:
+        code = err.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._set_healthy(replica, False)
+        return context.is_active() and (code in RETRIABLE or code == grpc.StatusCode.CANCELLED)
+
+    def _no_replica(self, context, last: grpc.RpcError | None) -> None:
+        if last is not None:
+            context.abort(last.code(), f"{last.details()} (after trying every healthy replica)")
+        context.abort(grpc.StatusCode.UNAVAILABLE, "no healthy replica behind this balancer")
+
+    def _unary_handler(self, method: str):
+        def handle(request: bytes, context):
+            tried: set[str] = set()
+            last = None
+            while (replica := self._acquire(tried)) is not None:
+                tried.add(replica.address)
+                call = replica.methods[method].future(request, timeout=_remaining(context),
+                                                      metadata=_forwarded(context))
+                context.add_callback(call.cancel)
+                try:
+                    return call.result()
+                except grpc.RpcError as err:
+                    if not self._retriable(err, context, replica):
+                        context.abort(err.code(), err.details())
+                    log.warning("%s failed on %s (%s); retrying elsewhere", method, replica.address, err.code().name)
+                    last = err
+                finally:
+                    self._release(replica)
+            self._no_replica(context, last)
+        return handle
+
+    def _stream_handler(self, method: str):
+        def handle(request: bytes, context):
+            tried: set[str] = set()
+            last = None
+            while (replica := self._acquire(tried)) is not None:
+                tried.add(replica.address)
+                call = replica.methods[method](request, timeout=_remaining(context), metadata=_forwarded(context))
+                context.add_callback(call.cancel)
+                relayed = False
+                try:
+                    for message in call:
+                        relayed = True
+                        yield message
+                    return
+                except grpc.RpcError as err:
+                    if relayed or not self._retriable(err, context, replica):
+                        context.abort(err.code(), err.details())
+                    log.warning("%s failed on %s before its first message (%s); retrying elsewhere",
+                                method, replica.address, err.code().name)
+                    last = err
+                finally:
+                    self._release(replica)
+            self._no_replica(context, last)
+        return handle
+
+    def _push(self, request_iterator, context):
+        messages = list(request_iterator)
+        with self._lock:
+            targets = [r for r in self.replicas if r.healthy]
+        if not targets:
+            self._no_replica(context, None)
+        calls = [(r, r.methods["PushWeights"].future(iter(messages), timeout=_remaining(context),
+                                                     metadata=_forwarded(context))) for r in targets]
+        results = []
+        for replica, call in calls:
+            try:
+                results.append(call.result())
+            except grpc.RpcError as err:
+                context.abort(err.code(), f"replica {replica.address}: {err.details()}")
+        return results[0]
+
+
+def _remaining(context) -> float | None:
+    """The caller's deadline as a timeout (None when it set none: gRPC reports a huge number then)."""
+    left = context.time_remaining()
+    return None if left is None or left > 1e6 else left
+
+
+def _forwarded(context) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata minus hop-by-hop entries (so e.g. the push credential reaches the replicas)."""
+    return tuple((k, v) for k, v in context.invocation_metadata() if not k.startswith(_HOP_HEADERS))

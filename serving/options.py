@@ -1,0 +1,108 @@
+"""The server's command-line options, shared by `tandem serve` and `python -m serving` (the one command
+line a child server process is started with: see serving.launch)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common.errors import ConfigError
+from serving.engine.config import DEVICES, DTYPES, EngineConfig
+
+# EngineConfig / ServerConfig field -> the option that sets it, so errors name what the user typed.
+OPTIONS = {
+    "model": "--model", "tokenizer": "--tokenizer", "dtype": "--dtype", "device": "--device",
+    "token_budget": "--token-budget", "block_size": "--block-size", "num_kv_blocks": "--kv-blocks",
+    "max_num_seqs": "--max-num-seqs", "max_model_len": "--max-model-len", "host": "--host",
+    "port": "--port", "grace_s": "--grace-period", "max_concurrent_rpcs": "--max-concurrent-rpcs",
+    "push_token_file": "--push-token-file", "tp": "--tp", "replicas": "--replicas",
+}
+
+DESCRIPTION = ("Load a local HF checkpoint and serve Generate/GenerateStream over gRPC. --port 0 picks a "
+               "free port; the address is printed on stdout as `serving MODEL on HOST:PORT`.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PATH", help="local HF model folder")
+    p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0: pick a free port (default: %(default)s)")
+    p.add_argument("--token-budget", type=int, default=256, metavar="N", help="tokens per forward pass")
+    p.add_argument("--kv-blocks", type=int, default=0, metavar="N", help="KV-cache blocks (0: automatic)")
+    p.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV-cache block")
+    p.add_argument("--max-num-seqs", type=int, default=128, metavar="N", help="running sequences at most")
+    p.add_argument("--max-model-len", type=int, default=0, metavar="N", help="context length (0: the model's)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="R engines behind this address, least-loaded routing (default: %(default)s)")
+    p.add_argument("--grace-period", type=float, default=10.0, metavar="S",
+                   help="seconds in-flight requests may run on after SIGINT/SIGTERM (default: %(default)s)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256, metavar="N")
+    p.add_argument("--push-token-file", default=None, metavar="FILE",
+                   help="the credential PushWeights calls must carry (else $TANDEM_PUSH_TOKEN; "
+                        "with neither, weight pushes are refused)")
+
+
+def engine_argv(engine: EngineConfig) -> list[str]:
+    """The options that rebuild `engine` in a child process (the inverse of `engine_config`)."""
+    argv = ["--model", engine.model, "--dtype", engine.dtype, "--device", engine.device,
+            "--token-budget", str(engine.token_budget), "--block-size", str(engine.block_size),
+            "--kv-blocks", str(engine.num_kv_blocks), "--max-num-seqs", str(engine.max_num_seqs),
+            "--max-model-len", str(engine.max_model_len)]
+    if engine.tokenizer:
+        argv += ["--tokenizer", engine.tokenizer]
+    if not engine.enable_prefix_caching:
+        argv.append("--no-prefix-caching")
+    return argv
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        token_budget=args.token_budget, block_size=args.block_size, num_kv_blocks=args.kv_blocks,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Validate the options once, then serve until SIGINT/SIGTERM; a bad option exits 2 naming it."""
+    from serving.rpc.server import ServerConfig, serve
+
+    config = engine_config(args)
+    server_config = ServerConfig(host=args.host, port=args.port, grace_s=args.grace_period,
+                                 max_concurrent_rpcs=args.max_concurrent_rpcs,
+                                 push_token_file=args.push_token_file)
+    try:
+        config.validate()
+        server_config.validate()
+        for name in ("model", "tokenizer"):
+            path = getattr(config, name)
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(name, f"no such folder: {path}")
+        if args.tp < 1:
+            raise ConfigError("tp", f"must be >= 1, got {args.tp}")
+        if args.replicas < 1:
+            raise ConfigError("replicas", f"must be >= 1, got {args.replicas}")
+        if args.replicas > 1:
+            from serving.fleet.replicas import serve_replicas
+
+            return serve_replicas(config, args.host, args.port, args.replicas, args.tp,
+                                  args.push_token_file, args.grace_period, ready=_print_balancer_ready)
+        if args.tp > 1:
+            from serving.parallel.serve import serve_tensor_parallel
+
+            return serve_tensor_parallel(config, server_config, args.tp, ready=_print_ready)
+        return serve(config, server_config, ready=_print_ready)
+    except ConfigError as err:
+        parser.error(f"{OPTIONS.get(err.field, err.field)}: {err.message}")   # exits 2
+
+
+def _print_ready(server) -> None:
+    print(f"serving {server.service.model_name} on {server.address}", flush=True)
+
+
+def _print_balancer_ready(balancer) -> None:
+    print(f"serving {len(balancer.replicas)} replicas on {balancer.address}", flush=True)

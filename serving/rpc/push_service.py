@@ -1,0 +1,89 @@
+"""The PushWeights handler the gRPC servicer delegates to.
+
+One push: check the credential (UNAUTHENTICATED and nothing read otherwise), stage the stream while
+the engine keeps serving (serving.weights.stage), then ask the engine loop to swap it in under the drain
+policy (serving.weights.swap) and answer with the version in force and the figures. A stream that is
+cut off, malformed or fails its checksum changes nothing and the pusher gets the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
+
+import grpc
+
+from protos import tandem_pb2
+from protos.auth import PushAuth
+from serving.engine.loop import EngineDead
+from common.errors import FieldError
+from serving.weights.stage import WeightStage
+from serving.weights.swap import WeightSwapper, WeightUpdater
+
+log = logging.getLogger(__name__)
+
+WAKE_S = 0.05   # how often a waiting push nudges the engine loop to check whether it has drained
+
+
+class WeightPushHandler:
+    """`push_weights(request_iterator, context, loop)`: the body of Generation.PushWeights."""
+
+    def __init__(self, auth: PushAuth, swapper: WeightSwapper):
+        self.auth = auth
+        self.swapper = swapper
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    @classmethod
+    def for_engine(cls, engine, auth: PushAuth, policy: str = "drain") -> "WeightPushHandler":
+        return cls(auth, WeightSwapper(WeightUpdater(engine), policy))
+
+    def push_weights(self, request_iterator, context: grpc.ServicerContext, loop) -> tandem_pb2.PushResult:
+        self.auth.check(context)
+        try:
+            if self._shapes is None:
+                self._shapes = loop.call(lambda engine: engine.runner.hf_parameter_shapes(), timeout=60.0)
+            version = loop.call(lambda engine: engine.weight_version, timeout=60.0)
+        except EngineDead as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        stage = WeightStage(self._shapes, version, conv1d=loop.engine.info.architecture == "gpt2")
+        messages = iter(request_iterator)
+        while True:
+            try:
+                message = next(messages)
+            except StopIteration:
+                break
+            except Exception:  # noqa: BLE001 - the client cancelled or the stream broke mid-push
+                log.warning("weight push cut off after %d tensors; nothing applied",
+                            stage.update.num_tensors if stage.update else 0)
+                context.abort(grpc.StatusCode.CANCELLED, "the push stream was cut off; nothing applied")
+            try:
+                stage.feed(message)
+            except FieldError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err}; nothing applied")
+        try:
+            update = stage.result()
+        except FieldError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        result = self._swap(update, context, loop)
+        return tandem_pb2.PushResult(version=result.version, bytes_received=update.bytes_received,
+                                     tensors=update.num_tensors, stage_s=update.stage_s, swap_s=result.swap_s)
+
+    def _swap(self, update, context, loop):
+        future = self.swapper.request(update)
+        context.add_callback(lambda: self.swapper.withdraw(future))   # a pusher gone before the swap
+        while True:
+            try:
+                loop.call(self.swapper.before_step, timeout=60.0)   # swaps now if the engine is idle
+                return future.result(timeout=WAKE_S)
+            except FutureTimeout:
+                continue
+            except CancelledError:
+                context.abort(grpc.StatusCode.CANCELLED, "the push was withdrawn before the swap; nothing applied")
+            except FieldError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err}; nothing applied")
+            except EngineDead as err:
+                self.swapper.withdraw(future)
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            finally:
+                if not context.is_active():
+                    self.swapper.withdraw(future)
