@@ -27,8 +27,8 @@ from clients.weight_push import push_weights
 from protos.codec import roundtrip
 from serving.engine.config import EngineConfig
 from serving.models.random_init import LLAMA_25M, save_random_checkpoint
+from protos.codec import ENCODINGS
 
-ENCODINGS = ("float32", "bfloat16", "int8", "int4")
 TOKEN = "benchmark-token"
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "tinystories-656k"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

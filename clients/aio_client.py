@@ -16,7 +16,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.client import SERVICE_NAME
+from protos.names import SERVICE_NAME
 from clients.results import Completion, Delta, PromptLike, Status, TandemError, build_request
 from protos import tandem_pb2, tandem_pb2_grpc
 

@@ -15,10 +15,28 @@ from typing import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.results import (Completion, Delta, PromptLike, Status, TandemError, build_request)
+from clients.results import (Completion, Delta, Experience, PromptLike, Status, TandemError, build_request,
+                             build_rollout_request)
 from protos import tandem_pb2, tandem_pb2_grpc
+from protos.names import SERVICE_NAME
 
-SERVICE_NAME = "tandem.v1.Generation"
+
+
+class ExperienceStream:
+    """The Experiences of one StreamExperience call; `cancel()` stops it (the server frees its KV blocks)."""
+
+    def __init__(self, target: str, call):
+        self.target, self._call = target, call
+
+    def __iter__(self) -> Iterator[Experience]:
+        try:
+            for msg in self._call:
+                yield Experience.from_proto(msg)
+        except grpc.RpcError as err:
+            raise TandemError.from_rpc(self.target, err) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 class TandemClient:
@@ -60,6 +78,13 @@ class TandemClient:
             raise TandemError.from_rpc(self.target, err) from None
         finally:
             call.cancel()            # no-op after a normal end; frees the server's blocks otherwise
+
+    def stream_experience(self, prompts: PromptLike | Sequence[PromptLike], *, samples_per_prompt: int = 1,
+                          rollout_id: str = "", timeout: float | None = None, **params) -> "ExperienceStream":
+        """A rollout for the learner: `samples_per_prompt` samples of every prompt, each an Experience as it
+        finishes (in any order). The returned stream iterates them and can be cancelled from any thread."""
+        request = build_rollout_request(prompts, params, samples_per_prompt, rollout_id)
+        return ExperienceStream(self.target, self._stub.StreamExperience(request, timeout=self._deadline(timeout)))
 
     def status(self, timeout: float | None = None) -> Status:
         try:

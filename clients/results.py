@@ -8,15 +8,10 @@ from typing import Sequence
 import grpc
 
 from protos import tandem_pb2
+from protos.names import FINISH_FROM_PROTO
 
 PromptLike = str | Sequence[int]
 
-FINISH_REASONS = {
-    tandem_pb2.FINISH_REASON_UNSPECIFIED: None,
-    tandem_pb2.FINISH_REASON_STOP: "stop",
-    tandem_pb2.FINISH_REASON_LENGTH: "length",
-    tandem_pb2.FINISH_REASON_ABORT: "abort",
-}
 PARAM_NAMES = ("temperature", "top_p", "top_k", "seed", "max_new_tokens", "min_new_tokens",
                "ignore_eos", "stop_token_ids", "stop")
 
@@ -49,7 +44,29 @@ class Completion:
     def from_proto(cls, msg: tandem_pb2.Completion) -> "Completion":
         return cls(index=msg.index, text=msg.text, prompt_token_ids=list(msg.prompt_token_ids),
                    token_ids=list(msg.token_ids), logprobs=list(msg.logprobs),
-                   finish_reason=FINISH_REASONS[msg.finish_reason], weight_version=msg.weight_version)
+                   finish_reason=FINISH_FROM_PROTO[msg.finish_reason], weight_version=msg.weight_version)
+
+
+@dataclass
+class Experience:
+    """One sample of a rollout (StreamExperience), with the logprobs of the policy that sampled it."""
+    rollout_id: str
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    behaviour_logprobs: list[float]
+    finish_reason: str | None
+    weight_version: int
+    response_text: str
+
+    @classmethod
+    def from_proto(cls, msg: tandem_pb2.Experience) -> "Experience":
+        return cls(rollout_id=msg.rollout_id, prompt_index=msg.prompt_index, sample_index=msg.sample_index,
+                   prompt_token_ids=list(msg.prompt_token_ids), response_token_ids=list(msg.response_token_ids),
+                   behaviour_logprobs=list(msg.behaviour_logprobs),
+                   finish_reason=FINISH_FROM_PROTO[msg.finish_reason], weight_version=msg.weight_version,
+                   response_text=msg.response_text)
 
 
 @dataclass
@@ -68,7 +85,7 @@ class Delta:
     @classmethod
     def from_proto(cls, msg: tandem_pb2.GenerateDelta) -> "Delta":
         return cls(request_id=msg.request_id, index=msg.index, text=msg.text, token_ids=list(msg.token_ids),
-                   logprobs=list(msg.logprobs), finish_reason=FINISH_REASONS[msg.finish_reason],
+                   logprobs=list(msg.logprobs), finish_reason=FINISH_FROM_PROTO[msg.finish_reason],
                    weight_version=msg.weight_version, prompt_token_ids=list(msg.prompt_token_ids))
 
 
@@ -126,6 +143,13 @@ def params_to_proto(params: dict) -> tandem_pb2.SamplingParams:
         else:
             setattr(msg, name, value)
     return msg
+
+
+def build_rollout_request(prompts: PromptLike | Sequence[PromptLike], params: dict, samples_per_prompt: int = 1,
+                          rollout_id: str = "") -> tandem_pb2.RolloutRequest:
+    return tandem_pb2.RolloutRequest(prompts=[prompt_to_proto(p) for p in normalize_prompts(prompts)],
+                                     params=params_to_proto(params), samples_per_prompt=samples_per_prompt,
+                                     rollout_id=rollout_id)
 
 
 def build_request(prompts: PromptLike | Sequence[PromptLike], params: dict,

@@ -22,16 +22,14 @@ import uuid
 from collections import Counter
 from typing import Callable
 
-import grpc
-
 from learner.rollout.staleness import split_by_staleness
 from learner.rollout.local import Rollout, SamplingParams
-from protos import tandem_pb2, tandem_pb2_grpc
+from clients.client import TandemClient
+from clients.results import Experience, TandemError, build_rollout_request
+from protos import tandem_pb2
 
 log = logging.getLogger(__name__)
 
-FINISH = {tandem_pb2.FINISH_REASON_STOP: "stop", tandem_pb2.FINISH_REASON_LENGTH: "length",
-          tandem_pb2.FINISH_REASON_ABORT: "abort"}
 MAX_REGENERATIONS = 2
 
 
@@ -39,20 +37,22 @@ class RolloutError(RuntimeError):
     """The server refused or broke a rollout; the message carries its gRPC status."""
 
 
+def sampling_options(params: SamplingParams) -> dict:
+    """The client SDK's sampling keywords for the learner's SamplingParams."""
+    return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "max_new_tokens": params.max_new_tokens, "seed": params.seed}
+
+
 def request_for(prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1,
                 rollout_id: str = "") -> tandem_pb2.RolloutRequest:
-    msg = tandem_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                    max_new_tokens=params.max_new_tokens)
-    if params.seed is not None:
-        msg.seed = params.seed
-    return tandem_pb2.RolloutRequest(
-        prompts=[tandem_pb2.Prompt(token_ids=tandem_pb2.TokenIds(ids=p)) for p in prompts], params=msg,
-        samples_per_prompt=samples_per_prompt, rollout_id=rollout_id or uuid.uuid4().hex)
+    """The RolloutRequest a RemoteRolloutSource sends for these prompts (tests send it by hand)."""
+    return build_rollout_request([list(p) for p in prompts], sampling_options(params), samples_per_prompt,
+                                 rollout_id or uuid.uuid4().hex)
 
 
-def rollout_from_experience(e: tandem_pb2.Experience) -> Rollout:
-    return Rollout(prompt_ids=list(e.prompt_token_ids), response_ids=list(e.response_token_ids),
-                   logprobs=list(e.behaviour_logprobs), finish_reason=FINISH.get(e.finish_reason, "length"),
+def rollout_from_experience(e: Experience) -> Rollout:
+    return Rollout(prompt_ids=e.prompt_token_ids, response_ids=e.response_token_ids,
+                   logprobs=e.behaviour_logprobs, finish_reason=e.finish_reason or "length",
                    weight_version=e.weight_version, text=e.response_text,
                    meta={"rollout_id": e.rollout_id, "sample_index": e.sample_index})
 
@@ -60,13 +60,14 @@ def rollout_from_experience(e: tandem_pb2.Experience) -> Rollout:
 class RolloutJob:
     """One StreamExperience call, drained on a helper thread as the experiences arrive."""
 
-    def __init__(self, stub, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int,
-                 timeout: float | None, sent: SamplingParams | None = None):
+    def __init__(self, client: TandemClient, prompts: list[list[int]], params: SamplingParams,
+                 samples_per_prompt: int, timeout: float | None, sent: SamplingParams | None = None):
         self.prompts, self.params, self.samples = prompts, params, samples_per_prompt
-        self.request = request_for(prompts, sent or params, samples_per_prompt)   # `sent`: seeded params
         self.results: dict[tuple[int, int], Rollout] = {}
         self.error: BaseException | None = None
-        self._call = stub.StreamExperience(self.request, timeout=timeout)
+        self._call = client.stream_experience(prompts, samples_per_prompt=samples_per_prompt,
+                                              rollout_id=uuid.uuid4().hex, timeout=timeout,
+                                              **sampling_options(sent or params))   # `sent`: seeded params
         self._thread = threading.Thread(target=self._drain, name="rollout", daemon=True)
         self._thread.start()
 
@@ -74,8 +75,6 @@ class RolloutJob:
         try:
             for e in self._call:
                 self.results[(e.prompt_index, e.sample_index)] = rollout_from_experience(e)
-        except grpc.RpcError as err:
-            self.error = err
         except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
             self.error = err
 
@@ -91,8 +90,8 @@ class RolloutJob:
         self._thread.join()
         if self.error is not None:
             err = self.error
-            if isinstance(err, grpc.RpcError):
-                raise RolloutError(f"StreamExperience failed: {err.code().name}: {err.details()}") from None
+            if isinstance(err, TandemError):
+                raise RolloutError(f"StreamExperience failed: {err.code.name}: {err.details}") from None
             raise RolloutError(f"StreamExperience failed: {err!r}") from err
         expected = len(self.prompts) * self.samples
         if len(self.results) != expected:
@@ -114,8 +113,7 @@ class RemoteRolloutSource:
         self.timeout = timeout
         self.seed = seed
         self._calls = 0
-        self._channel = grpc.insecure_channel(server)
-        self._stub = tandem_pb2_grpc.GenerationStub(self._channel)
+        self._client = TandemClient(server)
         self.learner_version = self.server_version() if learner_version is None else int(learner_version)
         self._pending: RolloutJob | None = None
         self.last_stats: dict[str, float] = {}
@@ -123,9 +121,9 @@ class RemoteRolloutSource:
 
     def server_version(self) -> int:
         try:
-            return self._stub.GetStatus(tandem_pb2.StatusRequest(), timeout=30).weight_version
-        except grpc.RpcError as err:
-            raise RolloutError(f"{self.server}: GetStatus failed: {err.code().name}: {err.details()}") from None
+            return self._client.status(timeout=30).weight_version
+        except TandemError as err:
+            raise RolloutError(f"{self.server}: GetStatus failed: {err.code.name}: {err.details}") from None
 
     def _params(self, params: SamplingParams) -> SamplingParams:
         if params.seed is not None or self.seed is None:
@@ -135,7 +133,7 @@ class RemoteRolloutSource:
                               seed=self.seed + self._calls)
 
     def _start(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> RolloutJob:
-        return RolloutJob(self._stub, [list(p) for p in prompts], params, samples_per_prompt, self.timeout,
+        return RolloutJob(self._client, [list(p) for p in prompts], params, samples_per_prompt, self.timeout,
                           sent=self._params(params))
 
     def prefetch(self, prompts: list[list[int]], params: SamplingParams) -> None:
@@ -201,7 +199,7 @@ class RemoteRolloutSource:
 
     def close(self) -> None:
         self.cancel_prefetch()
-        self._channel.close()
+        self._client.close()
 
     def __enter__(self) -> "RemoteRolloutSource":
         return self

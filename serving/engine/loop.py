@@ -26,6 +26,15 @@ from serving.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class PromptRefused(InvalidRequest):
+    """LLMEngine.add_request refused prompt `index` of a batch; `field` is the engine's own name for the
+    offending value (a front maps it onto its request schema)."""
+
+    def __init__(self, index: int, err: InvalidRequest):
+        super().__init__(err.field, err.message)
+        self.index = index
+
+
 class EngineDead(RuntimeError):
     """The engine thread has stopped (crashed or shut down); no request can be served."""
 
@@ -189,8 +198,6 @@ class EngineLoop:
                     future.set_exception(err)
 
     def _add(self, stream: RequestStream, prompts: list, params: SamplingParams) -> None:
-        from serving.rpc.convert import engine_error_field
-
         if stream.cancelled:
             return
         added: list[str] = []
@@ -203,7 +210,7 @@ class EngineLoop:
                 for done in added:       # nothing has stepped since: as if never added
                     self._streams.pop(done, None)
                     self.engine.abort_request(done)
-                stream.put(engine_error_field(index, err))
+                stream.put(PromptRefused(index, err))
                 return
             added.append(request_id)
             self._streams[request_id] = (stream, index)

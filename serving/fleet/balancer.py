@@ -30,10 +30,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.errors import ConfigError
+from protos.names import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "tandem.v1.Generation"
 ROUTED_UNARY = ("Generate", "GetStatus")
 ROUTED_STREAM = ("GenerateStream", "StreamExperience")
 RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,

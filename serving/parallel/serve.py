@@ -15,7 +15,8 @@ from typing import Callable
 from grpc_health.v1 import health_pb2
 
 from serving.engine.config import EngineConfig
-from serving.rpc.server import SERVICE_NAME, GenerationServer, ServerConfig
+from protos.names import SERVICE_NAME
+from serving.rpc.server import GenerationServer, ServerConfig
 from serving.parallel.runner import TPModelRunner
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,10 @@ from protos import tandem_pb2
 from common.errors import InvalidRequest
 from serving.engine.outputs import EngineStats, RequestOutput
 from serving.engine.sampling_params import SamplingParams
+from protos.names import FINISH_TO_PROTO
 
 Prompt = str | list[int]
 
-FINISH_REASONS = {
-    None: tandem_pb2.FINISH_REASON_UNSPECIFIED,
-    "stop": tandem_pb2.FINISH_REASON_STOP,
-    "length": tandem_pb2.FINISH_REASON_LENGTH,
-    "abort": tandem_pb2.FINISH_REASON_ABORT,
-}
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _OPTIONAL_PARAMS = ("temperature", "top_p", "seed", "max_new_tokens")
 
@@ -110,8 +105,11 @@ def request_from_proto(msg: tandem_pb2.GenerateRequest, encode: Callable[[str], 
     return ValidRequest(request_id=request_id, prompts=prompts, params=params)
 
 
-def engine_error_field(index: int, err: InvalidRequest) -> InvalidRequest:
-    """Re-home an InvalidRequest raised by LLMEngine.add_request for prompt `index` onto the proto path."""
+def engine_error_field(err: InvalidRequest) -> InvalidRequest:
+    """Re-home an engine-side refusal (serving.engine.loop.PromptRefused) onto the proto path."""
+    index = getattr(err, "index", None)
+    if index is None:
+        return err
     if err.field in _PARAM_FIELDS:
         return InvalidRequest(f"params.{err.field}", err.message)
     if err.field.startswith("prompts") or err.field.startswith("params.") or err.field == "request_id":
@@ -122,7 +120,7 @@ def engine_error_field(index: int, err: InvalidRequest) -> InvalidRequest:
 def completion_to_proto(index: int, out: RequestOutput) -> tandem_pb2.Completion:
     return tandem_pb2.Completion(
         index=index, text=out.text, prompt_token_ids=out.prompt_token_ids, token_ids=out.token_ids,
-        logprobs=out.logprobs, finish_reason=FINISH_REASONS[out.finish_reason],
+        logprobs=out.logprobs, finish_reason=FINISH_TO_PROTO[out.finish_reason],
         weight_version=out.weight_version)
 
 
@@ -130,7 +128,7 @@ def delta_to_proto(request_id: str, index: int, out: RequestOutput, first: bool)
     """What is new in `out` since the previous delta of this index (prompt ids only on the first)."""
     return tandem_pb2.GenerateDelta(
         request_id=request_id, index=index, text=out.new_text, token_ids=out.new_token_ids,
-        logprobs=out.new_logprobs, finish_reason=FINISH_REASONS[out.finish_reason if out.finished else None],
+        logprobs=out.new_logprobs, finish_reason=FINISH_TO_PROTO[out.finish_reason if out.finished else None],
         weight_version=out.weight_version, prompt_token_ids=out.prompt_token_ids if first else ())
 
 

@@ -24,11 +24,12 @@ from typing import Callable, Iterator
 import grpc
 
 from protos import tandem_pb2
-from serving.rpc.convert import FINISH_REASONS, params_from_proto, prompt_from_proto
+from serving.rpc.convert import engine_error_field, params_from_proto, prompt_from_proto
 from serving.engine.loop import EngineDead, EngineLoop, RequestStream
 from common.errors import InvalidRequest
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
+from protos.names import FINISH_TO_PROTO
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def experience_to_proto(rollout_id: str, prompt_index: int, sample_index: int,
     return tandem_pb2.Experience(
         rollout_id=rollout_id, prompt_index=prompt_index, sample_index=sample_index,
         prompt_token_ids=out.prompt_token_ids, response_token_ids=out.token_ids, behaviour_logprobs=out.logprobs,
-        finish_reason=FINISH_REASONS[out.finish_reason], weight_version=out.weight_version,
+        finish_reason=FINISH_TO_PROTO[out.finish_reason], weight_version=out.weight_version,
         response_text=out.text)
 
 
@@ -90,6 +91,8 @@ class _Sample(RequestStream):
         self._sink = sink
 
     def put(self, item) -> None:
+        if isinstance(item, InvalidRequest):
+            item = engine_error_field(item)
         if isinstance(item, InvalidRequest) and item.field.startswith("prompts[0]"):   # the loop saw one prompt
             item = InvalidRequest(f"prompts[{self.prompt_index}]" + item.field[len("prompts[0]"):], item.message)
         if isinstance(item, BaseException):

@@ -22,15 +22,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import tandem_pb2, tandem_pb2_grpc
 from serving.engine.config import EngineConfig
-from serving.rpc.convert import (ValidRequest, completion_to_proto, delta_to_proto, request_from_proto,
+from serving.rpc.convert import (ValidRequest, engine_error_field, completion_to_proto, delta_to_proto, request_from_proto,
                              status_to_proto)
 from serving.engine.loop import EngineDead, EngineLoop, RequestStream
 from serving.rpc.experience import ExperienceHandler
 from common.errors import ConfigError, InvalidRequest
+from protos.names import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "tandem.v1.Generation"
 
 
 @dataclass
@@ -134,7 +134,7 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
         try:
             yield from stream
         except InvalidRequest as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(engine_error_field(err)))
         except EngineDead as err:
             self._abort_dead(context, err)
 

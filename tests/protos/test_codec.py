@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from protos import tandem_pb2
-from protos.codec import (CodecError, TensorAssembler, checksum, dequantize_blockwise, encode_tensor,
-                          quantize_blockwise, roundtrip)
+from protos.codec import CodecError, TensorAssembler, checksum, encode_tensor, roundtrip
+from protos.quantize import dequantize_blockwise, quantize_blockwise
 
 
 def _assemble(chunks, shape, dtype):

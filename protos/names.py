@@ -1,0 +1,15 @@
+"""Names both ends of the contract share: the service name and the finish-reason enum's mapping."""
+
+from __future__ import annotations
+
+from protos import tandem_pb2
+
+SERVICE_NAME = tandem_pb2.DESCRIPTOR.services_by_name["Generation"].full_name   # "tandem.v1.Generation"
+
+FINISH_TO_PROTO = {
+    None: tandem_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": tandem_pb2.FINISH_REASON_STOP,
+    "length": tandem_pb2.FINISH_REASON_LENGTH,
+    "abort": tandem_pb2.FINISH_REASON_ABORT,
+}
+FINISH_FROM_PROTO = {code: reason for reason, code in FINISH_TO_PROTO.items()}
