@@ -49,7 +49,7 @@ def launcher_command(step: str, options: list[str], num_ranks: int, master_port:
 def run(args: argparse.Namespace) -> int:
     from learner.__main__ import MODEL_FIELDS
     from learner.cli_args import parse_config
-    from learner.runtime import check_inputs
+    from learner.inputs import check_inputs
     from common.errors import ConfigError
 
     options = list(args.options)

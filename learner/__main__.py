@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m learner") -> int:
         return 2
     try:
         config = parse_config(step, rest, prog=f"{prog} {step}")
-        from learner.runtime import check_inputs
+        from learner.inputs import check_inputs
         check_inputs(config, MODEL_FIELDS[step])
     except ConfigError as e:
         print(f"{prog} {step}: error: {e}", file=sys.stderr)

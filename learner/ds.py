@@ -1,4 +1,5 @@
-"""DeepSpeed plumbing: process group, the config dict, and engines (trainable or frozen).
+"""DeepSpeed plumbing: process group, the config dict, engines (trainable or frozen), seeding, sharded
+loaders and sums over ranks.
 
 Everything here avoids DeepSpeed's hidden g++ compiles on CPU (see ENVIRONMENT.md): the shared-memory
 comm op is switched off before `init_distributed`, and the optimizer is torch's AdamW
@@ -11,8 +12,12 @@ import logging
 import os
 from typing import Iterable
 
+import random
+
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common.net import free_port
 from learner.config import DeepSpeedOptions
@@ -143,3 +148,28 @@ def init_frozen(model: nn.Module, opts: DeepSpeedOptions, *, batch_size: int):
 def unwrap(engine_or_model) -> nn.Module:
     """The module inside a DeepSpeedEngine (or the module itself)."""
     return getattr(engine_or_model, "module", engine_or_model)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks (identity on one process)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized() and world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    dev = device()
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def loader(dataset: Dataset, collate, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of this rank's shard. Every rank gets the same number of batches (ZeRO-3 needs it)."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)

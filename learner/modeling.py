@@ -151,3 +151,11 @@ def fuse_lora(model: nn.Module) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, config: CommonConfig) -> None:
+    """HF gradient checkpointing on the model's transformer when config.gradient_checkpointing is set."""
+    if not getattr(config, "gradient_checkpointing", False):
+        return
+    target = getattr(model, "backbone", model)  # a ValueModel's transformer
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

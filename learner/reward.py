@@ -15,8 +15,9 @@ from learner.config import RewardConfig
 from learner.data import PairCollator, PairDataset
 from learner.metrics import MetricsLogger
 from learner.modeling import ValueModel, apply_lora, last_token_index, load_tokenizer
-from learner.runtime import (all_sum, cache_dir, check_inputs, enable_gradient_checkpointing, loader, model_path,
-                             seed_everything, step_samples, to_device, tokenizer_path)
+from learner.ds import all_sum, loader, seed_everything, to_device
+from learner.inputs import cache_dir, check_inputs, model_path, step_samples, tokenizer_path
+from learner.modeling import enable_gradient_checkpointing
 from learner.train_loop import train
 from common.errors import ConfigError
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from learner import checkpoint, ds
 from learner.config import CommonConfig
 from learner.metrics import MetricsLogger
-from learner.runtime import all_sum, to_device
+from learner.ds import all_sum, to_device
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ from common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 KINDS = (*ADAPTERS, "embedded")
-DEFAULT_EMBEDDED_SIZE = 2000
 
 
 @dataclass
@@ -64,16 +63,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, str(Path(path).expanduser())
 
 
-def load_dataset(spec: str, seed: int = 1234) -> LoadedDataset:
+def load_dataset(spec: str) -> LoadedDataset:
     """Read one dataset spec. Bad records are counted (and logged), never fatal; no usable record is."""
     kind, path = parse_spec(spec)
     if kind == "embedded":
-        from learner.task import embedded_samples  # the embedded task (imported only when asked for)
-
-        samples = embedded_samples(int(path) if path else DEFAULT_EMBEDDED_SIZE, seed)
-        report = DataReport(spec, total=len(samples), kept=len(samples))
-        log.info("data %s", report)
-        return LoadedDataset(spec, samples, report)
+        raise ConfigError("data", f"{spec!r}: the embedded task is generated, not read: use learner.inputs.read_dataset")
     root = Path(path)
     if not kind:
         kind = detect_kind(first_record(root))

@@ -42,7 +42,7 @@ def prompt_feed(config: PPOConfig, tokenizer) -> Callable[[], list[list[int]]]:
     so the rollout source can generate batch k+1 while the learner trains on batch k."""
     from learner.data import PromptDataset
     from learner.rollout.prompts import PromptStream
-    from learner.runtime import cache_dir, step_samples
+    from learner.inputs import cache_dir, step_samples
 
     train, _ = step_samples(config, "ppo")
     stream = PromptStream(PromptDataset(train, tokenizer, config.max_prompt_len, cache_dir(config)),
@@ -61,7 +61,7 @@ def prompt_feed(config: PPOConfig, tokenizer) -> Callable[[], list[list[int]]]:
 
 def shared_int(value: int) -> int:
     """Rank 0's value on every rank."""
-    from learner.runtime import all_sum
+    from learner.ds import all_sum
 
     return int(all_sum([float(value) if ds.rank() == 0 else 0.0])[0])
 

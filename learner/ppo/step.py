@@ -18,14 +18,15 @@ from tqdm import tqdm
 
 from learner import checkpoint, ds
 from learner.config import PPOConfig
-from learner.data import CausalLMCollator, PromptDataset, TextDataset, load_dataset
+from learner.data import CausalLMCollator, PromptDataset, TextDataset
 from learner.metrics import MetricsLogger
 from learner.ppo.gold import GoldJudge, gold_judge_for
 from learner.ppo.models import PPOModels, load_models
 from learner.rollout.prompts import PromptStream
 from learner.rollout.local import LocalRolloutSource, RolloutSource, SamplingParams
 from learner.ppo.trainer import PPOTrainer
-from learner.runtime import all_sum, cache_dir, check_inputs, loader, seed_everything, step_samples
+from learner.ds import all_sum, loader, seed_everything
+from learner.inputs import cache_dir, check_inputs, read_dataset, step_samples
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _ptx_batches(config: PPOConfig, tokenizer):
     """An endless iterator of ptx (plain-text LM) batches, or None when ptx_coef is 0."""
     if config.ptx_coef <= 0:
         return None
-    samples = [s for spec in config.ptx_data for s in load_dataset(spec, seed=config.seed).samples]
+    samples = [s for spec in config.ptx_data for s in read_dataset(spec, seed=config.seed).samples]
     dataset = TextDataset(samples, tokenizer, config.max_seq_len, cache_dir(config))
     if len(dataset) == 0:
         raise ConfigError("ptx_data", f"no usable text in {config.ptx_data}")

@@ -154,10 +154,12 @@ def test_collators_pad_right_for_training_and_left_for_prompts(tokenizer, tmp_pa
 
 
 def test_embedded_task_spec_blends_with_a_file_dataset(tmp_path):
-    embedded = load_dataset("embedded:40", seed=5)
+    from learner.inputs import read_dataset
+
+    embedded = read_dataset("embedded:40", seed=5)
     assert len(embedded.samples) == 40 and embedded.report.kept == 40
     assert all(s.prompt and s.chosen and s.rejected for s in embedded.samples)
-    assert load_dataset("embedded:40", seed=5).samples == embedded.samples
+    assert read_dataset("embedded:40", seed=5).samples == embedded.samples
     dschat = tmp_path / "d.jsonl"
     write_jsonl(dschat, [{"prompt": f"p{i}", "chosen": f" c{i}", "rejected": f" r{i}"} for i in range(10)])
     s1, s2, s3 = split_for_steps([embedded, load_dataset(f"dschat:{dschat}")], "1,1,0", seed=0)
@@ -167,7 +169,7 @@ def test_embedded_task_spec_blends_with_a_file_dataset(tmp_path):
 
 def test_sft_only_data_goes_wholly_to_step_one(tmp_path):
     from learner.config import SFTConfig
-    from learner.runtime import step_samples
+    from learner.inputs import step_samples
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"p{i}", "chosen": f" c{i}", "rejected": " r"}
                                                    for i in range(20)])
