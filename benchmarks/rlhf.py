@@ -79,25 +79,16 @@ def run_local(run: Path, out: Path, args) -> dict:
     return throughput(out, clock, config.rollout_batch_size)
 
 
-def run_remote(run: Path, out: Path, args, server: str, token: str) -> dict:
-    from clients.weight_push import current_version, hf_tensors, push_weights
-    from learner.modeling import load_tokenizer
-    from learner.rollout.push import ActorPusher
-    from learner.rollout.remote import RemoteRolloutSource
+def run_remote(run: Path, out: Path, args, server: str, token_file: Path) -> dict:
     from learner.ppo.step import run_ppo
-    from learner.jobs.up_worker import prompt_feed
 
-    config = ppo_config(run, fresh(out), args, rollout="remote", server=server, max_staleness=1, push_weights=True)
-    first = push_weights(server, hf_tensors(run / "sft"), token=token, version=current_version(server) + 1,
-                         origin="benchmark: sft").version
-    source = RemoteRolloutSource(server, max_staleness=1, learner_version=first,
-                                 upcoming=prompt_feed(config, load_tokenizer(config.tokenizer)), seed=args.seed)
-    clock = Clock(ActorPusher(server, token, first, origin="benchmark", source=source))
-    with source:
-        run_ppo(config, rollout_source=source, after_iteration=clock)
-    result = throughput(out, clock, config.rollout_batch_size)
-    result["rollout"] = dict(source.totals)
-    return result
+    config = ppo_config(run, fresh(out), args, rollout="remote", server=server, max_staleness=1, push_weights=True,
+                        push_token_file=str(token_file))
+    clock = Clock()
+    result = run_ppo(config, after_iteration=clock)      # the push runs before the clock's stamp
+    timing = throughput(out, clock, config.rollout_batch_size)
+    timing["rollout"] = result["rollout"]
+    return timing
 
 
 def prepare(run: Path, seed: int) -> None:
@@ -155,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             results["local"].append(run_local(run, work / f"local{r}", args))
             print("local ", json.dumps(results["local"][-1]), flush=True)
-            results["remote"].append(run_remote(run, work / f"remote{r}", args, address, token_file.read_text()))
+            results["remote"].append(run_remote(run, work / f"remote{r}", args, address, token_file))
             print("remote", json.dumps(results["remote"][-1]), flush=True)
     finally:
         server.stop()

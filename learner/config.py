@@ -109,6 +109,10 @@ class RewardConfig(CommonConfig):
     learning_rate: float = 5e-5
 
 
+# push_quantize -> the wire encoding of a weight push (protos.codec.ENCODINGS)
+PUSH_ENCODINGS = {"none": "float32", "float32": "float32", "bfloat16": "bfloat16", "int8": "int8", "int4": "int4"}
+
+
 @dataclass
 class PPOConfig(CommonConfig):
     output_dir: str = "runs/default/ppo"
@@ -142,8 +146,10 @@ class PPOConfig(CommonConfig):
     ptx_coef: float = 0.0               # DS-Chat unsup_coef is 27.8 with its own data
     ptx_data: list[str] = field(default_factory=list)
     max_staleness: int = 1              # remote rollout: weight versions a sample may lag
-    push_weights: bool = False          # remote rollout: push actor weights to the server
-    push_quantize: str = "none"         # none | int8 | int4
+    push_weights: bool = False          # remote rollout: push the actor to the server before the first rollout
+                                        # and after every iteration
+    push_quantize: str = "none"         # none (fp32) | bfloat16 | int8 | int4
+    push_token_file: str = ""           # the server's push credential (else $TANDEM_PUSH_TOKEN)
     gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task)
 
     def validate(self) -> "PPOConfig":
@@ -172,8 +178,8 @@ class PPOConfig(CommonConfig):
             raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_data", "ptx_coef > 0 needs ptx_data (plain-text datasets)")
-        if self.push_quantize not in ("none", "int8", "int4"):
-            raise ConfigError("push_quantize", f"must be none, int8 or int4, got {self.push_quantize!r}")
+        if self.push_quantize not in PUSH_ENCODINGS:
+            raise ConfigError("push_quantize", f"must be one of {', '.join(PUSH_ENCODINGS)}, got {self.push_quantize!r}")
         if self.gold_eval_prompts < 1:
             raise ConfigError("gold_eval_prompts", f"must be >= 1, got {self.gold_eval_prompts}")
         if self.max_staleness < 0:

@@ -27,10 +27,10 @@ from common.net import free_port
 from common.process import ServiceProcess, child_env
 from serving import launch
 from common.errors import ConfigError
+from learner.config import PUSH_ENCODINGS
 
 log = logging.getLogger(__name__)
 
-ENCODINGS = {"none": "float32", "float32": "float32", "bfloat16": "bfloat16", "int8": "int8", "int4": "int4"}
 
 
 @dataclass
@@ -63,8 +63,8 @@ class UpConfig:
             raise ConfigError("iterations", f"must be >= 1 (0 = default), got {self.iterations}")
         if self.max_staleness < 0:
             raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
-        if self.push_quantize not in ENCODINGS:
-            raise ConfigError("push_quantize", f"must be one of {', '.join(ENCODINGS)}, got {self.push_quantize!r}")
+        if self.push_quantize not in PUSH_ENCODINGS:
+            raise ConfigError("push_quantize", f"must be one of {', '.join(PUSH_ENCODINGS)}, got {self.push_quantize!r}")
         unknown = set(self.overrides) - {"sft", "reward", "ppo"}
         if unknown:
             raise ConfigError("overrides", f"unknown step(s) {sorted(unknown)}: use sft, reward, ppo")
@@ -114,7 +114,7 @@ def run_up(config: UpConfig) -> dict:
         print(f"tandem up: serving {model} on {server.address} (log: {run_dir / 'server.log'})", flush=True)
         spec = {"run_dir": str(run_dir), "server": server.address, "token_file": str(token_file), "model": model,
                 "seed": config.seed, "data": config.data, "iterations": config.iterations,
-                "max_staleness": config.max_staleness, "encoding": ENCODINGS[config.push_quantize],
+                "max_staleness": config.max_staleness, "encoding": PUSH_ENCODINGS[config.push_quantize],
                 "deepspeed": {"zero_stage": config.zero_stage if config.zero_stage >= 0 else
                               (0 if config.ranks == 1 else 3), "num_ranks": config.ranks},
                 "overrides": config.overrides, "threads": config.learner_threads}

@@ -4,9 +4,9 @@
     deepspeed --num_gpus N --module learner.jobs.up_worker SPEC.json         (N ranks)
 
 SPEC.json (written by learner.jobs.up) names the run folder, the server, the push-token file and the
-step overrides. SFT and the reward model train as in learner.jobs.pipeline; then the SFT checkpoint is
-pushed to the server (the version PPO starts from), and run_ppo rolls out through
-RemoteRolloutSource (overlapped, bounded staleness) and pushes the actor after every iteration.
+step overrides. SFT and the reward model train as in learner.jobs.pipeline; then run_ppo with rollout=remote
+(learner.rollout.server_link) pushes the SFT actor to the server (the version PPO starts from), rolls
+out through it (overlapped, bounded staleness) and pushes the actor after every iteration.
 Rank 0 writes the figures to <run>/learner.json.
 """
 
@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from learner import ds
 from learner.config import PPOConfig, RewardConfig, SFTConfig
@@ -37,41 +37,10 @@ def step_config(cls, run_dir: Path, step: str, spec: dict[str, Any], defaults: d
     return build_config(cls, values, ds_values)
 
 
-def prompt_feed(config: PPOConfig, tokenizer) -> Callable[[], list[list[int]]]:
-    """The prompt batches run_ppo will ask for after the first, in order (the same seeded PromptStream),
-    so the rollout source can generate batch k+1 while the learner trains on batch k."""
-    from learner.data import PromptDataset
-    from learner.rollout.prompts import PromptStream
-    from learner.inputs import cache_dir, step_samples
-
-    train, _ = step_samples(config, "ppo")
-    stream = PromptStream(PromptDataset(train, tokenizer, config.max_prompt_len, cache_dir(config)),
-                          config.rollout_batch_size, config.seed)
-    stream.next_batch()                        # the first batch is generated when run_ppo asks for it
-    left = [config.iterations - 1]
-
-    def upcoming() -> list[list[int]]:
-        if left[0] <= 0:
-            return []
-        left[0] -= 1
-        return stream.next_batch().ids
-
-    return upcoming
-
-
-def shared_int(value: int) -> int:
-    """Rank 0's value on every rank."""
-    from learner.ds import all_sum
-
-    return int(all_sum([float(value) if ds.rank() == 0 else 0.0])[0])
 
 
 def learn(spec: dict[str, Any]) -> dict[str, Any]:
-    from clients.weight_push import current_version, hf_tensors, push_weights
     from learner.metrics import MetricsLogger
-    from learner.modeling import load_tokenizer
-    from learner.rollout.push import ActorPusher
-    from learner.rollout.remote import RemoteRolloutSource
     from learner.ppo.step import run_ppo
     from learner.reward import run_reward
     from learner.sft import run_sft
@@ -80,15 +49,14 @@ def learn(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     run_dir, server, model = Path(spec["run_dir"]), spec["server"], spec["model"]
-    token = Path(spec["token_file"]).read_text().strip()
     encoding = spec.get("encoding", "float32")
     sft = step_config(SFTConfig, run_dir, "sft", spec, SFT_DEFAULTS, {"model": model})
     reward = step_config(RewardConfig, run_dir, "reward", spec, REWARD_DEFAULTS, {"model": model})
     ppo = step_config(PPOConfig, run_dir, "ppo", spec, PPO_DEFAULTS, {
         "actor_model": str(run_dir / "sft"), "critic_model": str(run_dir / "reward"),
         "reward_model": str(run_dir / "reward"), "tokenizer": model, "rollout": "remote", "server": server,
-        "max_staleness": spec.get("max_staleness", 1), "push_weights": True,
-        "push_quantize": {"int8": "int8", "int4": "int4"}.get(encoding, "none"),
+        "max_staleness": spec.get("max_staleness", 1), "push_weights": True, "push_token_file": spec["token_file"],
+        "push_quantize": encoding,
         **({"iterations": spec["iterations"]} if spec.get("iterations") else {})})
     times: dict[str, float] = {}
     t = time.perf_counter()
@@ -99,21 +67,9 @@ def learn(spec: dict[str, Any]) -> dict[str, Any]:
     times["reward_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    first = 0
-    if ds.rank() == 0:          # PPO starts from the SFT weights: the server must serve them too
-        report = push_weights(server, hf_tensors(run_dir / "sft"), token=token,
-                              version=current_version(server) + 1, origin=f"{run_dir / 'sft'} (step 1)",
-                              encoding=encoding)
-        first = report.version
-    first = shared_int(first)
-    tokenizer = load_tokenizer(ppo.tokenizer)
-    source = RemoteRolloutSource(server, max_staleness=ppo.max_staleness, learner_version=first,
-                                 upcoming=prompt_feed(ppo, tokenizer), seed=ppo.seed * 7919 + ds.rank())
-    pusher = ActorPusher(server, token, first, encoding=encoding, origin=str(run_dir / "ppo"), source=source)
-    with source:
-        ppo_result = run_ppo(ppo, rollout_source=source, after_iteration=pusher)
+    ppo_result = run_ppo(ppo)           # pushes the SFT actor first: the version PPO starts from
     times["ppo_s"] = time.perf_counter() - t
-    pushes = pusher.reports
+    pushes, first = ppo_result["pushes"], ppo_result["first_version"]
     with MetricsLogger(run_dir / "sync") as sync:      # the weight-sync figures, plotted with the rest
         for p in pushes:
             sync.log(p["iteration"], version=p["version"], push_ms=1e3 * p["push_s"], swap_ms=1e3 * p["swap_s"],
@@ -122,12 +78,12 @@ def learn(spec: dict[str, Any]) -> dict[str, Any]:
         "gold_before": ppo_result.get("gold_before"), "gold_after": ppo_result.get("gold_after"),
         "reward_accuracy": reward_result.get("eval_accuracy"), "sft_eval_loss": sft_result.get("eval_loss"),
         "kl": ppo_result.get("kl"), "reward_score": ppo_result.get("reward_score"),
-        "ppo_iterations": ppo.iterations, "first_version": first, "final_version": pusher.version,
+        "ppo_iterations": ppo.iterations, "first_version": first, "final_version": ppo_result["final_version"],
         "versions_pushed": [first] + [p["version"] for p in pushes],
         "bytes_pushed": sum(p["bytes_sent"] for p in pushes), "push_encoding": encoding,
         "push_s": [round(p["push_s"], 4) for p in pushes], "swap_s": [round(p["swap_s"], 5) for p in pushes],
         "stage_s": [round(p["stage_s"], 4) for p in pushes], "tensors_per_push": pushes[0]["tensors"] if pushes else 0,
-        "rollout": dict(source.totals), "max_new_tokens": ppo.max_new_tokens, "max_prompt_len": ppo.max_prompt_len,
+        "rollout": ppo_result["rollout"], "max_new_tokens": ppo.max_new_tokens, "max_prompt_len": ppo.max_prompt_len,
         "seed": ppo.seed, "checkpoint": ppo_result.get("checkpoint"), "times": times,
     }
 

@@ -24,6 +24,7 @@ from learner.ppo.gold import GoldJudge, gold_judge_for
 from learner.ppo.models import PPOModels, load_models
 from learner.rollout.prompts import PromptStream
 from learner.rollout.local import LocalRolloutSource, RolloutSource, SamplingParams
+from learner.rollout.server_link import ServerLink
 from learner.ppo.trainer import PPOTrainer
 from learner.ds import all_sum, loader, seed_everything
 from learner.inputs import cache_dir, check_inputs, read_dataset, step_samples
@@ -84,8 +85,9 @@ def _resume(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, out: Path
 def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
             after_iteration: AfterIteration | None = None) -> dict:
     """Train step 3 and return the final metrics. `rollout_source` defaults to local HF generate on the
-    actor (rollout="remote" needs one passed in); `after_iteration(i, models, metrics)` runs after each
-    iteration (e.g. to push the actor's weights to the server)."""
+    actor, or with rollout="remote" to the server at config.server (learner.rollout.server_link: the
+    actor is pushed there when push_weights); `after_iteration(i, models, metrics)` runs after each
+    iteration, after the push."""
     config.validate()
     check_inputs(config, ("actor_model", "critic_model", "reward_model", "tokenizer"))
     ds.init_distributed()
@@ -96,10 +98,7 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
     train_samples, _ = step_samples(config, "ppo")
     prompts = PromptStream(PromptDataset(train_samples, tokenizer, config.max_prompt_len, cache_dir(config)),
                            config.rollout_batch_size, config.seed)
-    if rollout_source is None:
-        if config.rollout == "remote":
-            raise ConfigError("rollout", "rollout=remote needs the generation server's rollout source "
-                                         "(learner.ppo.step.run_ppo(config, rollout_source=...))")
+    if rollout_source is None and config.rollout == "local":
         rollout_source = LocalRolloutSource(models.actor, tokenizer)
     trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward,
                          tokenizer.pad_token_id, ema=models.ema, ptx_batches=_ptx_batches(config, tokenizer))
@@ -109,6 +108,28 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
     out = Path(config.output_dir)
     result: dict = {"prompts": len(prompts.dataset)}
     start = _resume(config, models, trainer, out)
+    left = [config.iterations - start]           # iterations whose prompts are still to be drawn
+    link = None
+    if rollout_source is None:                   # rollout = remote: the server rolls out, the actor is pushed
+        link = ServerLink.open(config, models.actor, upcoming=lambda: prompts.peek().ids if left[0] > 0 else [])
+        rollout_source = link.source
+    try:
+        result.update(_iterations(config, models, trainer, prompts, rollout_source, gold, out, start, left,
+                                  params, link, after_iteration))
+    finally:
+        if link is not None:
+            link.close()
+    result["iterations"] = config.iterations
+    result.update(_save(models, trainer, tokenizer, out, config.iterations))
+    return result
+
+
+def _iterations(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, prompts: PromptStream,
+                rollout_source: RolloutSource, gold: GoldJudge | None, out: Path, start: int, left: list[int],
+                params: SamplingParams, link: ServerLink | None, after_iteration: AfterIteration | None) -> dict:
+    """PPO iterations start..config.iterations-1 (gold-judged before and after on the embedded task)."""
+    result: dict = {}
+    tokenizer = models.tokenizer
     with MetricsLogger(out) as metrics:
         if gold is not None:
             result["gold_before"] = gold.evaluate(models.actor)
@@ -118,6 +139,7 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
         for iteration in bar:
             began = time.perf_counter()
             batch = prompts.next_batch()
+            left[0] -= 1
             if isinstance(rollout_source, LocalRolloutSource):
                 rollout_source.weight_version = iteration
             rollouts = rollout_source.generate(batch.ids, params)
@@ -140,6 +162,8 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
                 log.info("ppo iteration %d: %s", iteration + 1, {k: round(v, 4) for k, v in stats.items()})
             if config.save_every and (iteration + 1) % config.save_every == 0:
                 _save(models, trainer, tokenizer, out, iteration + 1)
+            if link is not None:
+                link.after_iteration(iteration + 1, models, stats)   # the push: the next rollout uses it
             if after_iteration is not None:
                 after_iteration(iteration + 1, models, stats)
             result.update({k: stats[k] for k in keys})
@@ -151,6 +175,6 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
                 result["gold_after_ema"] = gold.evaluate(models.ema.engine)
             log.info("ppo: gold score before %.2f, after %.2f (KL to reference %.3f)", result["gold_before"],
                      result["gold_after"], result.get("kl", float("nan")))
-    result["iterations"] = config.iterations
-    result.update(_save(models, trainer, tokenizer, out, config.iterations))
+    if link is not None:
+        result.update(link.summary())
     return result

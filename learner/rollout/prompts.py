@@ -25,6 +25,7 @@ class PromptStream:
             raise ValueError("no usable PPO prompts")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.epoch, self._queue = 0, []
+        self._next: PromptBatch | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -38,6 +39,16 @@ class PromptStream:
         self.epoch += 1
 
     def next_batch(self) -> PromptBatch:
+        batch, self._next = self._next or self._draw(), None
+        return batch
+
+    def peek(self) -> PromptBatch:
+        """The batch next_batch will return, without taking it (a remote source prefetches it)."""
+        if self._next is None:
+            self._next = self._draw()
+        return self._next
+
+    def _draw(self) -> PromptBatch:
         while len(self._queue) < self.batch_size:
             self._refill()
         take, self._queue = self._queue[:self.batch_size], self._queue[self.batch_size:]
