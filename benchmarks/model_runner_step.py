@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from serving.engine.batch import ScheduledChunk
+from serving.batch import ScheduledChunk
 from serving.engine.config import EngineConfig
 from serving.engine.model_runner import ModelRunner
 from serving.models.random_init import LLAMA_25M, save_random_checkpoint

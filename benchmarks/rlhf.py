@@ -52,9 +52,9 @@ def throughput(out_dir: Path, clock: Clock, batch: int) -> dict:
 
 
 def ppo_config(run: Path, out: Path, args, **extra):
-    from learner.jobs.up_worker import step_config
     from learner.config import PPOConfig
     from learner.jobs.pipeline import PPO_DEFAULTS
+    from learner.jobs.up_worker import step_config
 
     spec = {"seed": args.seed, "data": [], "deepspeed": {"zero_stage": args.zero_stage}}
     values = {"actor_model": str(run / "sft"), "critic_model": str(run / "reward"), "reward_model": str(run / "reward"),
@@ -95,12 +95,12 @@ def prepare(run: Path, seed: int) -> None:
     """SFT and reward checkpoints on the embedded task (pipeline defaults), unless already there."""
     if (run / "sft" / "config.json").is_file() and (run / "reward" / "config.json").is_file():
         return
-    from learner.reward import run_reward
-    from learner.sft import run_sft
     from learner.config import RewardConfig, SFTConfig
     from learner.jobs.pipeline import REWARD_DEFAULTS, SFT_DEFAULTS
-    from learner.task import default_model_path
     from learner.jobs.up_worker import step_config
+    from learner.reward import run_reward
+    from learner.sft import run_sft
+    from learner.task import default_model_path
 
     model = str(default_model_path())
     spec = {"seed": seed, "data": []}

@@ -56,7 +56,7 @@ def bench_model(name: str, path: Path, args) -> None:
             run_engine(engines[tp], requests[:4])
         for rep in range(args.repeats):
             line = []
-            for label, tp, threads in runs:
+            for label, _tp, threads in runs:
                 torch.set_num_threads(threads)
                 secs, useful = run_engine(engines[tp], requests)
                 results[label].append(useful / secs)
@@ -69,7 +69,7 @@ def bench_model(name: str, path: Path, args) -> None:
                 shutdown()
     base_label = runs[0][0]
     base = statistics.median(results[base_label])
-    for label, tp, threads in runs:
+    for label, _tp, threads in runs:
         xs = results[label]
         print(f"  {label:<14} ({threads} thread(s) per rank): min {min(xs):8.1f}  median {statistics.median(xs):8.1f} "
               f"tok/s  ({statistics.median(xs) / base:.2f}x of {base_label})")

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 from clients.weight_push import push_weights
-from protos.codec import roundtrip
+from protos.codec import ENCODINGS, roundtrip
 from serving.engine.config import EngineConfig
 from serving.models.random_init import LLAMA_25M, save_random_checkpoint
-from protos.codec import ENCODINGS
 
 TOKEN = "benchmark-token"
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "tinystories-656k"

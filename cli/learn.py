@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
 from common.net import free_port
 
 STEPS = ("sft", "reward", "ppo")
@@ -47,10 +48,10 @@ def launcher_command(step: str, options: list[str], num_ranks: int, master_port:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.errors import ConfigError
     from learner.__main__ import MODEL_FIELDS
     from learner.cli_args import parse_config
     from learner.inputs import check_inputs
-    from common.errors import ConfigError
 
     options = list(args.options)
     port = pop_option(options, "--master-port", "--master_port")

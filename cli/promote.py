@@ -41,8 +41,8 @@ register = add_parser   # the name cli/main.py calls
 
 def run(args: argparse.Namespace) -> int:
     from clients.weight_push import hf_tensors, lora_adapter, push_weights
-    from protos.auth import channel_credentials, read_token
     from common.errors import FieldError
+    from protos.auth import channel_credentials, read_token
 
     parser: argparse.ArgumentParser | None = getattr(args, "parser", None)
 

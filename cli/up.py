@@ -55,8 +55,8 @@ def _interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
-    from learner.jobs.up import UpConfig, run_up
     from common.errors import ConfigError
+    from learner.jobs.up import UpConfig, run_up
 
     try:
         config = UpConfig(run_dir=args.run_dir, model=args.model, data=args.data, seed=args.seed, ranks=args.ranks,

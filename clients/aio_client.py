@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.names import SERVICE_NAME
 from clients.results import Completion, Delta, PromptLike, Status, TandemError, build_request
 from protos import tandem_pb2, tandem_pb2_grpc
+from protos.names import SERVICE_NAME
 
 
 class AsyncTandemClient:
@@ -88,7 +88,7 @@ class AsyncTandemClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncTandemClient":
+    async def __aenter__(self) -> AsyncTandemClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

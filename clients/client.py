@@ -10,16 +10,23 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.results import (Completion, Delta, Experience, PromptLike, Status, TandemError, build_request,
-                             build_rollout_request)
+from clients.results import (
+    Completion,
+    Delta,
+    Experience,
+    PromptLike,
+    Status,
+    TandemError,
+    build_request,
+    build_rollout_request,
+)
 from protos import tandem_pb2, tandem_pb2_grpc
 from protos.names import SERVICE_NAME
-
 
 
 class ExperienceStream:
@@ -80,7 +87,7 @@ class TandemClient:
             call.cancel()            # no-op after a normal end; frees the server's blocks otherwise
 
     def stream_experience(self, prompts: PromptLike | Sequence[PromptLike], *, samples_per_prompt: int = 1,
-                          rollout_id: str = "", timeout: float | None = None, **params) -> "ExperienceStream":
+                          rollout_id: str = "", timeout: float | None = None, **params) -> ExperienceStream:
         """A rollout for the learner: `samples_per_prompt` samples of every prompt, each an Experience as it
         finishes (in any order). The returned stream iterates them and can be cancelled from any thread."""
         request = build_rollout_request(prompts, params, samples_per_prompt, rollout_id)
@@ -123,7 +130,7 @@ class TandemClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "TandemClient":
+    def __enter__(self) -> TandemClient:
         return self
 
     def __exit__(self, *exc) -> None:

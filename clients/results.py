@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Sequence
 
 import grpc
 
@@ -26,7 +26,7 @@ class TandemError(RuntimeError):
         self.details = details
 
     @classmethod
-    def from_rpc(cls, target: str, err: grpc.RpcError) -> "TandemError":
+    def from_rpc(cls, target: str, err: grpc.RpcError) -> TandemError:
         return cls(target, err.code(), err.details() or "")
 
 
@@ -41,7 +41,7 @@ class Completion:
     weight_version: int
 
     @classmethod
-    def from_proto(cls, msg: tandem_pb2.Completion) -> "Completion":
+    def from_proto(cls, msg: tandem_pb2.Completion) -> Completion:
         return cls(index=msg.index, text=msg.text, prompt_token_ids=list(msg.prompt_token_ids),
                    token_ids=list(msg.token_ids), logprobs=list(msg.logprobs),
                    finish_reason=FINISH_FROM_PROTO[msg.finish_reason], weight_version=msg.weight_version)
@@ -61,7 +61,7 @@ class Experience:
     response_text: str
 
     @classmethod
-    def from_proto(cls, msg: tandem_pb2.Experience) -> "Experience":
+    def from_proto(cls, msg: tandem_pb2.Experience) -> Experience:
         return cls(rollout_id=msg.rollout_id, prompt_index=msg.prompt_index, sample_index=msg.sample_index,
                    prompt_token_ids=list(msg.prompt_token_ids), response_token_ids=list(msg.response_token_ids),
                    behaviour_logprobs=list(msg.behaviour_logprobs),
@@ -83,7 +83,7 @@ class Delta:
     prompt_token_ids: list[int] = field(default_factory=list)   # on the first delta only
 
     @classmethod
-    def from_proto(cls, msg: tandem_pb2.GenerateDelta) -> "Delta":
+    def from_proto(cls, msg: tandem_pb2.GenerateDelta) -> Delta:
         return cls(request_id=msg.request_id, index=msg.index, text=msg.text, token_ids=list(msg.token_ids),
                    logprobs=list(msg.logprobs), finish_reason=FINISH_FROM_PROTO[msg.finish_reason],
                    weight_version=msg.weight_version, prompt_token_ids=list(msg.prompt_token_ids))
@@ -109,7 +109,7 @@ class Status:
     max_model_len: int
 
     @classmethod
-    def from_proto(cls, msg: tandem_pb2.ServerStatus) -> "Status":
+    def from_proto(cls, msg: tandem_pb2.ServerStatus) -> Status:
         return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
 
 

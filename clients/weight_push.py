@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import grpc
 import torch
 
 from clients.results import TandemError
-from protos import tandem_pb2, tandem_pb2_grpc
-from protos.codec import DEFAULT_CHUNK_BYTES, ENCODINGS, Checksum, TensorAssembler, encode_tensor
-from protos.auth import bearer_metadata
 from common.errors import FieldError
+from protos import tandem_pb2, tandem_pb2_grpc
+from protos.auth import bearer_metadata
+from protos.codec import DEFAULT_CHUNK_BYTES, ENCODINGS, Checksum, TensorAssembler, encode_tensor
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
@@ -224,7 +224,7 @@ class StreamingPush:
                 pass
             self._thread.join()
 
-    def __enter__(self) -> "StreamingPush":
+    def __enter__(self) -> StreamingPush:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,9 +12,9 @@ import logging
 import os
 import sys
 
+from common.errors import ConfigError
 from learner.cli_args import parse_config
 from learner.config import STEPS
-from common.errors import ConfigError
 
 USAGE = f"usage: python -m learner {{{','.join(STEPS)}}} [--config FILE.json] [--field value ...]"
 MODEL_FIELDS = {"sft": ("model",), "reward": ("model",),

@@ -14,8 +14,8 @@ import json
 import typing
 from pathlib import Path
 
-from learner.config import CONFIGS, CommonConfig
 from common.errors import ConfigError
+from learner.config import CONFIGS, CommonConfig
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

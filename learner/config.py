@@ -72,7 +72,7 @@ class CommonConfig:
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
 
-    def validate(self) -> "CommonConfig":
+    def validate(self) -> CommonConfig:
         if not self.data:
             raise ConfigError("data", "at least one dataset spec is required")
         try:
@@ -152,7 +152,7 @@ class PPOConfig(CommonConfig):
     push_token_file: str = ""           # the server's push credential (else $TANDEM_PUSH_TOKEN)
     gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task)
 
-    def validate(self) -> "PPOConfig":
+    def validate(self) -> PPOConfig:
         super().validate()
         if self.rollout not in ("local", "remote"):
             raise ConfigError("rollout", f"must be local or remote, got {self.rollout!r}")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
-
 import random
+from collections.abc import Iterable
 
 import numpy as np
 import torch

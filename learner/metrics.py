@@ -55,7 +55,7 @@ class MetricsLogger:
             self._tb.close()
             self._file = self._tb = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:

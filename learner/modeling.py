@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from learner.config import LoraOptions
 from common.errors import ConfigError
+from learner.config import CommonConfig, LoraOptions
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ValueModel(nn.Module):
         nn.init.normal_(self.v_head.weight, std=1.0 / (backbone.config.hidden_size + 1) ** 0.5)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "ValueModel":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> ValueModel:
         """A saved value model (folder with value_head.safetensors) or a fresh head on a causal LM folder."""
         folder = _hf_folder(path, "model")
         head_file = folder / VALUE_HEAD_FILE

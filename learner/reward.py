@@ -10,16 +10,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common.errors import ConfigError
 from learner import checkpoint, ds
 from learner.config import RewardConfig
 from learner.data import PairCollator, PairDataset
-from learner.metrics import MetricsLogger
-from learner.modeling import ValueModel, apply_lora, last_token_index, load_tokenizer
 from learner.ds import all_sum, loader, seed_everything, to_device
 from learner.inputs import cache_dir, check_inputs, model_path, step_samples, tokenizer_path
-from learner.modeling import enable_gradient_checkpointing
+from learner.metrics import MetricsLogger
+from learner.modeling import ValueModel, apply_lora, enable_gradient_checkpointing, last_token_index, load_tokenizer
 from learner.train_loop import train
-from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import torch
 
+from common.errors import ConfigError
 from learner import checkpoint, ds
 from learner.config import SFTConfig
 from learner.data import CausalLMCollator, SFTDataset
-from learner.metrics import MetricsLogger
-from learner.modeling import apply_lora, load_causal_lm, load_tokenizer
 from learner.ds import all_sum, loader, seed_everything, to_device
 from learner.inputs import cache_dir, check_inputs, model_path, step_samples, tokenizer_path
-from learner.modeling import enable_gradient_checkpointing
+from learner.metrics import MetricsLogger
+from learner.modeling import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from learner.train_loop import train
-from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.errors import ConfigError
 from learner import checkpoint, ds
 from learner.config import CommonConfig
-from learner.metrics import MetricsLogger
 from learner.ds import all_sum, to_device
-from common.errors import ConfigError
+from learner.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 

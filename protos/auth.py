@@ -51,7 +51,7 @@ class PushAuth:
     token: str | None
 
     @classmethod
-    def from_sources(cls, token_file: str | Path | None = None, env: dict | None = None) -> "PushAuth":
+    def from_sources(cls, token_file: str | Path | None = None, env: dict | None = None) -> PushAuth:
         return cls(read_token(token_file, env))
 
     @property

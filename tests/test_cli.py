@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import TandemClient
 from cli.chat import HUMAN, build_prompt
+from clients.client import TandemClient
 
 pytestmark = pytest.mark.slow
 

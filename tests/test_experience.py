@@ -11,9 +11,9 @@ import torch
 from clients.weight_push import hf_tensors, push_weights
 from learner.modeling import load_causal_lm
 from learner.ppo.experience import SequenceBatch
-from learner.rollout.remote import RemoteRolloutSource, RolloutError, request_for
-from learner.rollout.local import SamplingParams
 from learner.ppo.trainer import sequence_logprobs
+from learner.rollout.local import SamplingParams
+from learner.rollout.remote import RemoteRolloutSource, RolloutError, request_for
 from protos import tandem_pb2, tandem_pb2_grpc
 from serving.engine.config import EngineConfig
 from serving.rpc.server import start_server

@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.up import parse_overrides
-from learner.jobs.up import UpConfig
 from common.errors import ConfigError
+from learner.jobs.up import UpConfig
 
 ITERATIONS = 2
 REDUCED = ["--data", "embedded:600", "--set", "sft.max_steps=20", "--set", "reward.max_steps=20",

@@ -12,10 +12,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from learner.data.adapters import ADAPTERS, detect_kind
-from learner.data.readers import JSON_SUFFIXES, TEXT_SUFFIXES, data_files, first_record, read_json_records, read_text_records
-from learner.data.sample import Sample
 from common.errors import ConfigError
+from learner.data.adapters import ADAPTERS, detect_kind
+from learner.data.readers import (
+    JSON_SUFFIXES,
+    TEXT_SUFFIXES,
+    data_files,
+    first_record,
+    read_json_records,
+    read_text_records,
+)
+from learner.data.sample import Sample
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.errors import ConfigError
 from learner.data.load import LoadedDataset
 from learner.data.sample import Sample
-from common.errors import ConfigError
 
 
 def parse_split(data_split: str) -> list[float]:

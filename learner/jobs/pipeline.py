@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
+from common.errors import ConfigError
 from learner.config import PPOConfig, RewardConfig, SFTConfig
 from learner.ppo.step import run_ppo
 from learner.reward import run_reward
 from learner.sft import run_sft
 from learner.task.evaluate import gold_of_checkpoint
 from learner.task.pretrain import default_model_path
-from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.errors import ConfigError
 from common.net import free_port
 from common.process import ServiceProcess, child_env
-from serving import launch
-from common.errors import ConfigError
 from learner.config import PUSH_ENCODINGS
+from serving import launch
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class UpConfig:
     learner_threads: int = 1         # torch threads of each learner rank (2 cores: 1 + 1 beats contention)
     start_timeout_s: float = 300.0
 
-    def validate(self) -> "UpConfig":
+    def validate(self) -> UpConfig:
         if not self.run_dir:
             raise ConfigError("run_dir", "must not be empty")
         if self.model and not (Path(self.model) / "config.json").is_file():

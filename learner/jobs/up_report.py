@@ -35,8 +35,8 @@ def sampled_gold(address: str, model: str, run_dir: Path, learned: dict) -> dict
     """The policy PPO optimises, as a user of a sampling server sees it: mean gold of temperature-1 samples
     (4 per eval prompt) of the SFT and PPO checkpoints (HF, in this process) and of the served model."""
     from learner.modeling import load_tokenizer
-    from learner.rollout.remote import RemoteRolloutSource
     from learner.rollout.local import SamplingParams
+    from learner.rollout.remote import RemoteRolloutSource
     from learner.task import eval_prompts, gold_score
     from learner.task.evaluate import gold_of_checkpoint
 

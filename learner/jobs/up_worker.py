@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.errors import ConfigError
 from learner import ds
 from learner.config import PPOConfig, RewardConfig, SFTConfig
 from learner.jobs.pipeline import COMMON, DEEPSPEED, PPO_DEFAULTS, REWARD_DEFAULTS, SFT_DEFAULTS, build_config
-from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ def step_config(cls, run_dir: Path, step: str, spec: dict[str, Any], defaults: d
 
 
 def learn(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
     from learner.metrics import MetricsLogger
     from learner.ppo.step import run_ppo
     from learner.reward import run_reward
     from learner.sft import run_sft
-
-    import torch
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     run_dir, server, model = Path(spec["run_dir"]), spec["server"], spec["model"]

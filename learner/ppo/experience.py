@@ -26,7 +26,7 @@ class SequenceBatch:
     prompt_width: int
 
     @classmethod
-    def from_rollouts(cls, rollouts: list[Rollout], pad_id: int) -> "SequenceBatch":
+    def from_rollouts(cls, rollouts: list[Rollout], pad_id: int) -> SequenceBatch:
         if not rollouts:
             raise ValueError("no rollouts")
         prompt_width = max(len(r.prompt_ids) for r in rollouts)
@@ -79,7 +79,7 @@ class ExperienceBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, index: torch.Tensor) -> "ExperienceBatch":
+    def select(self, index: torch.Tensor) -> ExperienceBatch:
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def minibatches(self, size: int, generator: torch.Generator):
@@ -88,5 +88,5 @@ class ExperienceBatch:
         for start in range(0, len(self), size):
             yield self.select(order[start:start + size])
 
-    def to(self, device: torch.device) -> "ExperienceBatch":
+    def to(self, device: torch.device) -> ExperienceBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})

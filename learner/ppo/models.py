@@ -14,11 +14,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import ConfigError
 from learner import ds
 from learner.config import PPOConfig
 from learner.modeling import ValueModel, apply_lora, load_causal_lm, load_tokenizer
 from learner.ppo.ema import ActorEMA
-from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -13,22 +13,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from common.errors import ConfigError
 from learner import checkpoint, ds
 from learner.config import PPOConfig
 from learner.data import CausalLMCollator, PromptDataset, TextDataset
+from learner.ds import all_sum, loader, seed_everything
+from learner.inputs import cache_dir, check_inputs, read_dataset, step_samples
 from learner.metrics import MetricsLogger
 from learner.ppo.gold import GoldJudge, gold_judge_for
 from learner.ppo.models import PPOModels, load_models
-from learner.rollout.prompts import PromptStream
-from learner.rollout.local import LocalRolloutSource, RolloutSource, SamplingParams
-from learner.rollout.server_link import ServerLink
 from learner.ppo.trainer import PPOTrainer
-from learner.ds import all_sum, loader, seed_everything
-from learner.inputs import cache_dir, check_inputs, read_dataset, step_samples
-from common.errors import ConfigError
+from learner.rollout.local import LocalRolloutSource, RolloutSource, SamplingParams
+from learner.rollout.prompts import PromptStream
+from learner.rollout.server_link import ServerLink
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ class GenerationCopy:
         self.model.requires_grad_(False)
 
     @classmethod
-    def for_actor(cls, actor, max_params: int) -> "GenerationCopy | None":
+    def for_actor(cls, actor, max_params: int) -> GenerationCopy | None:
         module = ds.unwrap(actor)
         params = list(module.parameters())
         if not any(hasattr(p, "ds_id") for p in params):

@@ -1,12 +1,11 @@
 """Pushing the actor's weights to the generation server after a PPO iteration (weight sync, learner side).
 
 Under ZeRO-3 no rank ever holds the whole model: the parameters are gathered one module at a time
-(learner.checkpoint.iter_gathered; a LoRA layer with its adapters, fused into the base weight), rank 0 streams each to the server as it comes
-(clients.weight_push.StreamingPush copies it to the CPU and sends it on a helper thread), and the
-gather is released before the next one. Every rank walks the same parameters (the gathers are
-collective); only rank 0 talks to the server. Versions are counted on every rank alike, so all
-ranks know the learner's version without a message.
-"""
+(learner.checkpoint.iter_gathered; a LoRA layer with its adapters, fused into the base weight), rank 0 streams
+each to the server as it comes (clients.weight_push.StreamingPush copies it to the CPU and sends it on a
+helper thread), and the gather is released before the next one. Every rank walks the same parameters (the
+gathers are collective); only rank 0 talks to the server. Versions are counted on every rank alike, so all
+ranks know the learner's version without a message. """
 
 from __future__ import annotations
 

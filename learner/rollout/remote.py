@@ -20,12 +20,12 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
-from learner.rollout.staleness import split_by_staleness
-from learner.rollout.local import Rollout, SamplingParams
 from clients.client import TandemClient
 from clients.results import Experience, TandemError, build_rollout_request
+from learner.rollout.local import Rollout, SamplingParams
+from learner.rollout.staleness import split_by_staleness
 from protos import tandem_pb2
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class RemoteRolloutSource:
         self.cancel_prefetch()
         self._client.close()
 
-    def __enter__(self) -> "RemoteRolloutSource":
+    def __enter__(self) -> RemoteRolloutSource:
         return self
 
     def __exit__(self, *exc) -> None:

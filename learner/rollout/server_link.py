@@ -39,7 +39,7 @@ class ServerLink:
     first_version: int
 
     @classmethod
-    def open(cls, config: PPOConfig, actor, upcoming: Callable[[], list[list[int]]] | None) -> "ServerLink":
+    def open(cls, config: PPOConfig, actor, upcoming: Callable[[], list[list[int]]] | None) -> ServerLink:
         encoding = PUSH_ENCODINGS[config.push_quantize]
         first = None
         pusher = None

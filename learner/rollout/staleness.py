@@ -11,8 +11,8 @@ returns counts for the logs. Pure functions, no state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -17,8 +17,17 @@ from dataclasses import dataclass
 
 from learner.data.sample import Sample
 from learner.task.judge import gold_score
-from learner.task.world import (ANSWER_FRAMES, FILLERS, POLITE_CLOSERS, POLITE_OPENERS, RUDE_CLOSERS,
-                                RUDE_OPENERS, Question, answers_of_kind, split_questions)
+from learner.task.world import (
+    ANSWER_FRAMES,
+    FILLERS,
+    POLITE_CLOSERS,
+    POLITE_OPENERS,
+    RUDE_CLOSERS,
+    RUDE_OPENERS,
+    Question,
+    answers_of_kind,
+    split_questions,
+)
 
 SOURCE = "embedded"
 SAME_MANNER = 0.5               # fraction of pairs written twice by one demonstrator in the same manner

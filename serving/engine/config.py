@@ -27,7 +27,7 @@ class EngineConfig:
     scheduling: str = "splitfuse"     # splitfuse: decode + prompt chunks fused in every pass;
                                       # separate: prefill-only and decode-only passes (the ablation baseline)
 
-    def validate(self) -> "EngineConfig":
+    def validate(self) -> EngineConfig:
         if not self.model:
             raise ConfigError("model", "a local model folder is required")
         if self.dtype not in DTYPES:

@@ -16,10 +16,10 @@ import math
 import torch
 from tqdm import tqdm
 
+from common.errors import InvalidRequest
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
-from common.errors import InvalidRequest
 from serving.engine.outputs import EngineStats, RequestOutput
 from serving.engine.sampler import Sampler
 from serving.engine.sampling_params import SamplingParams

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from common.errors import InvalidRequest
 from serving.engine.outputs import RequestOutput

@@ -19,15 +19,15 @@ checkpoints. The forward itself lives in serving/models/<arch>.py over serving/l
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from serving.engine.batch import ScheduledChunk
-from serving.engine.config import EngineConfig
 from common.errors import ConfigError
+from serving.batch import ScheduledChunk
+from serving.engine.config import EngineConfig
 from serving.layers.attention import AttentionMetadata
 from serving.models import load_model
 

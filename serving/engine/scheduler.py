@@ -22,10 +22,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from serving.engine.batch import ScheduledChunk
+from common.errors import ConfigError
+from serving.batch import ScheduledChunk
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import SCHEDULING_MODES
-from common.errors import ConfigError
 from serving.engine.sequence import Sequence, SequenceStatus
 
 RESERVE_MODES = ("worst_case", "none")
@@ -39,7 +39,7 @@ class SchedulerConfig:
     reserve: str = "worst_case"      # "worst_case": admission control; "none": overcommit + preemption
     scheduling: str = "splitfuse"    # "splitfuse": decodes + prompt chunks fused; "separate": one kind per pass
 
-    def validate(self) -> "SchedulerConfig":
+    def validate(self) -> SchedulerConfig:
         for name in ("token_budget", "max_num_seqs", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")

@@ -4,13 +4,13 @@ Routing: each Generate / GenerateStream / StreamExperience / GetStatus call goes
 with the fewest calls in flight through this balancer (ties broken round-robin). Messages are relayed
 as raw bytes: the balancer never decodes a request, so it adds one hop and no (de)serialisation.
 
-Failures: a health-check thread asks every replica's standard health service twice a second; a replica
-that does not answer SERVING is out of rotation until it does again (a call that fails with UNAVAILABLE
-takes its replica out at once); when no replica is healthy, calls still try each one once. A call that fails on a replica with a retriable code (UNAVAILABLE,
-INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, or CANCELLED while the client is still there) is retried on
-another replica when nothing has been relayed to the client yet — always for unary calls, and for
-streams until their first message; after that the client gets the error. Other codes (e.g.
-INVALID_ARGUMENT) pass through untouched.
+Failures: a health-check thread asks every replica's standard health service twice a second; a replica that
+does not answer SERVING is out of rotation until it does again (a call that fails with UNAVAILABLE takes its
+replica out at once); when no replica is healthy, calls still try each one once. A call that fails on a
+replica with a retriable code (UNAVAILABLE, INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, or CANCELLED while the
+client is still there) is retried on another replica when nothing has been relayed to the client yet — always
+for unary calls, and for streams until their first message; after that the client gets the error. Other codes
+(e.g. INVALID_ARGUMENT) pass through untouched.
 
 PushWeights is fanned out: the pushed stream is buffered, then sent to every healthy replica (with the
 caller's metadata, so the push credential travels); the answer is the first replica's PushResult when
@@ -51,7 +51,7 @@ class BalancerConfig:
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 64 << 20
 
-    def validate(self) -> "BalancerConfig":
+    def validate(self) -> BalancerConfig:
         if not self.backends:
             raise ConfigError("backends", "at least one replica address (host:port) is required")
         for address in self.backends:

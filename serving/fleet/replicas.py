@@ -14,12 +14,12 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from serving.fleet.balancer import Balancer, BalancerConfig
-from serving.engine.config import EngineConfig
 from common.errors import ConfigError
 from common.process import ServiceProcess, child_env
+from serving.engine.config import EngineConfig
+from serving.fleet.balancer import Balancer, BalancerConfig
 from serving.launch import READY_PREFIX, START_TIMEOUT_S, server_command
 from serving.options import engine_argv
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serving.engine.batch import ScheduledChunk
+from serving.batch import ScheduledChunk
 
 
 @dataclass
@@ -60,7 +60,7 @@ class AttentionMetadata:
 
     @staticmethod
     def build(chunks: list[ScheduledChunk], block_size: int, device: torch.device,
-              dtype: torch.dtype = torch.float32) -> "AttentionMetadata":
+              dtype: torch.dtype = torch.float32) -> AttentionMetadata:
         slots: list[np.ndarray] = []
         decode_rows: list[int] = []
         decode_chunks: list[ScheduledChunk] = []

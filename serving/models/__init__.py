@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint import iter_checkpoint
 from common.errors import ConfigError
 from serving.models.base import CausalLM
-from common.checkpoint import iter_checkpoint
 
 
 def _registry() -> dict[str, type[CausalLM]]:

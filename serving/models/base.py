@@ -9,7 +9,7 @@ the per-layer KV caches, and returns hidden states [T, hidden].
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

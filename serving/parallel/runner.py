@@ -16,20 +16,19 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from typing import Callable, Iterable
 
 import torch
 import torch.multiprocessing as mp
 
-from serving.engine.batch import ScheduledChunk
-from serving.engine.config import EngineConfig
 from common.errors import ConfigError, FieldError
-from serving.parallel.tp import check_tensor_parallel, layout_of, shard_for_rank, unshard
-from serving.parallel.group import TPGroup
 from common.net import free_port
-from serving.parallel.worker import (ShardedModelRunner, rank_device, rank_memory, threads_per_rank,
-                               worker_main)
+from serving.batch import ScheduledChunk
+from serving.engine.config import EngineConfig
+from serving.parallel.group import TPGroup
+from serving.parallel.tp import check_tensor_parallel, layout_of, shard_for_rank, unshard
+from serving.parallel.worker import ShardedModelRunner, rank_device, rank_memory, threads_per_rank, worker_main
 
 logger = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
 
-from serving.engine.config import EngineConfig
 from protos.names import SERVICE_NAME
-from serving.rpc.server import GenerationServer, ServerConfig
+from serving.engine.config import EngineConfig
 from serving.parallel.runner import TPModelRunner
+from serving.rpc.server import GenerationServer, ServerConfig
 
 log = logging.getLogger(__name__)
 

@@ -160,8 +160,8 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world: int, group) -> nn.
 def load_sharded_model(path: str | Path, dtype: torch.dtype, device: torch.device, rank: int, world: int, group):
     """Build rank `rank`'s shard of the checkpoint at `path`: (model, hf_config). The full model is never
     materialised: the model is built on the meta device, rewritten, then fed one sliced tensor at a time."""
-    from serving.models import model_class, read_hf_config
     from common.checkpoint import iter_checkpoint
+    from serving.models import model_class, read_hf_config
 
     hf_config = read_hf_config(path)
     check_tensor_parallel(hf_config, world)

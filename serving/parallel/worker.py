@@ -25,8 +25,8 @@ import torch
 
 from serving.engine.config import EngineConfig
 from serving.engine.model_runner import ModelRunner, _load_tokenizer, _model_info, resolve_device_dtype
-from serving.parallel.tp import full_shape, load_sharded_model, sharded_parameter_bytes
 from serving.parallel.group import TPGroup
+from serving.parallel.tp import full_shape, load_sharded_model, sharded_parameter_bytes
 
 logger = logging.getLogger(__name__)
 

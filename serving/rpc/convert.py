@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from protos import tandem_pb2
 from common.errors import InvalidRequest
+from protos import tandem_pb2
+from protos.names import FINISH_TO_PROTO
 from serving.engine.outputs import EngineStats, RequestOutput
 from serving.engine.sampling_params import SamplingParams
-from protos.names import FINISH_TO_PROTO
 
 Prompt = str | list[int]
 

@@ -19,17 +19,17 @@ import dataclasses
 import logging
 import queue
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
-from protos import tandem_pb2
-from serving.rpc.convert import engine_error_field, params_from_proto, prompt_from_proto
-from serving.engine.loop import EngineDead, EngineLoop, RequestStream
 from common.errors import InvalidRequest
+from protos import tandem_pb2
+from protos.names import FINISH_TO_PROTO
+from serving.engine.loop import EngineDead, EngineLoop, RequestStream
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
-from protos.names import FINISH_TO_PROTO
+from serving.rpc.convert import engine_error_field, params_from_proto, prompt_from_proto
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,15 @@ cut off, malformed or fails its checksum changes nothing and the pusher gets the
 from __future__ import annotations
 
 import logging
-from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
+from common.errors import FieldError
 from protos import tandem_pb2
 from protos.auth import PushAuth
 from serving.engine.loop import EngineDead
-from common.errors import FieldError
 from serving.weights.stage import WeightStage
 from serving.weights.swap import WeightSwapper, WeightUpdater
 
@@ -34,7 +35,7 @@ class WeightPushHandler:
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
     @classmethod
-    def for_engine(cls, engine, auth: PushAuth, policy: str = "drain") -> "WeightPushHandler":
+    def for_engine(cls, engine, auth: PushAuth, policy: str = "drain") -> WeightPushHandler:
         return cls(auth, WeightSwapper(WeightUpdater(engine), policy))
 
     def push_weights(self, request_iterator, context: grpc.ServicerContext, loop) -> tandem_pb2.PushResult:

@@ -13,21 +13,27 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import tandem_pb2, tandem_pb2_grpc
-from serving.engine.config import EngineConfig
-from serving.rpc.convert import (ValidRequest, engine_error_field, completion_to_proto, delta_to_proto, request_from_proto,
-                             status_to_proto)
-from serving.engine.loop import EngineDead, EngineLoop, RequestStream
-from serving.rpc.experience import ExperienceHandler
 from common.errors import ConfigError, InvalidRequest
+from protos import tandem_pb2, tandem_pb2_grpc
 from protos.names import SERVICE_NAME
+from serving.engine.config import EngineConfig
+from serving.engine.loop import EngineDead, EngineLoop, RequestStream
+from serving.rpc.convert import (
+    ValidRequest,
+    completion_to_proto,
+    delta_to_proto,
+    engine_error_field,
+    request_from_proto,
+    status_to_proto,
+)
+from serving.rpc.experience import ExperienceHandler
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ class ServerConfig:
     max_concurrent_rpcs: int = 256    # beyond this, RPCs get RESOURCE_EXHAUSTED instead of queueing
     push_token_file: str | None = None  # PushWeights credential (else $TANDEM_PUSH_TOKEN; else pushes refused)
 
-    def validate(self) -> "ServerConfig":
+    def validate(self) -> ServerConfig:
         if not self.host:
             raise ConfigError("host", "must not be empty")
         if not 0 <= int(self.port) <= 65535:

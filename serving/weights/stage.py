@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.errors import InvalidRequest
 from protos import tandem_pb2
 from protos.codec import Checksum, CodecError, TensorAssembler
-from common.errors import InvalidRequest
 
 _LORA_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _NOT_LORA_TARGETS = ("embed", "wte", "wpe", "lm_head")

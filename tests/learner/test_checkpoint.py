@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
+from common.errors import ConfigError
 from learner import checkpoint, ds, modeling
 from learner.config import DeepSpeedOptions, LoraOptions
-from common.errors import ConfigError
 
 TEXTS = ["Once upon a time there was a cat.", "The dog ran to the park and played.",
          "Lily had a red ball.", "Tom saw a big tree in the garden."]

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from cli import learn
+from common.errors import ConfigError
 from learner.__main__ import main
 from learner.cli_args import parse_config
-from common.errors import ConfigError
 
 
 def test_json_file_then_command_line_override(tmp_path):

@@ -8,10 +8,20 @@ import json
 import pytest
 import torch
 
-from learner.data import (CausalLMCollator, PairCollator, PairDataset, PromptCollator, PromptDataset, Sample,
-                          SFTDataset, TextDataset, load_dataset, split_for_steps)
-from learner.data.load import LoadedDataset, DataReport
 from common.errors import ConfigError
+from learner.data import (
+    CausalLMCollator,
+    PairCollator,
+    PairDataset,
+    PromptCollator,
+    PromptDataset,
+    Sample,
+    SFTDataset,
+    TextDataset,
+    load_dataset,
+    split_for_steps,
+)
+from learner.data.load import DataReport, LoadedDataset
 
 
 def write_jsonl(path, rows):

@@ -8,8 +8,8 @@ import math
 import pytest
 from transformers import AutoModelForCausalLM
 
-from learner.jobs.pipeline import run_pipeline
 from common.errors import ConfigError
+from learner.jobs.pipeline import run_pipeline
 
 
 @pytest.mark.slow

@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from common.errors import ConfigError
 from learner import checkpoint, modeling
 from learner.config import DeepSpeedOptions, LoraOptions, PPOConfig
 from learner.ppo import math as pm
 from learner.ppo.models import load_models
-from learner.rollout.local import LocalRolloutSource, SamplingParams
 from learner.ppo.step import run_ppo
 from learner.ppo.trainer import PPOTrainer, sequence_logprobs, sequence_values
-from common.errors import ConfigError
+from learner.rollout.local import LocalRolloutSource, SamplingParams
 
 NAMES = ["Lily", "Tom", "Sue", "Ben", "Max", "Mia"]
 THINGS = ["ball", "cat", "tree", "cake", "boat", "hat"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from serving.engine.batch import ScheduledChunk
+from serving.batch import ScheduledChunk
 from serving.engine.model_runner import ModelRunner
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from clients.client import TandemClient
 from clients.results import TandemError
-from serving.fleet.balancer import Balancer, BalancerConfig
 from common.errors import ConfigError
+from serving.fleet.balancer import Balancer, BalancerConfig
 from serving.fleet.replicas import wait_for_replicas
 
 PROMPTS = [f"Once upon a time, there was a {animal} who" for animal in

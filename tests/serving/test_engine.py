@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.errors import InvalidRequest
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
-from common.errors import InvalidRequest
-from serving.models.random_init import save_random_checkpoint
 from serving.engine.sampling_params import SamplingParams
+from serving.models.random_init import save_random_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=20)
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_runner_checks import check_logits, greedy_generate, hf_greedy, hf_model
 
-from serving.engine.batch import ScheduledChunk
-from serving.engine.config import EngineConfig
 from common.errors import ConfigError, FieldError
+from serving.batch import ScheduledChunk
+from serving.engine.config import EngineConfig
 from serving.engine.model_runner import ModelRunner
 from serving.models.random_init import save_random_checkpoint
-
-from model_runner_checks import check_logits, greedy_generate, hf_greedy, hf_model
 
 RANDOM_CONFIGS = {
     "llama-gqa": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

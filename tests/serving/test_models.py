@@ -6,15 +6,14 @@ import shutil
 
 import pytest
 import torch
+from model_runner_checks import check_logits, hf_model
 from safetensors.torch import load_file, save_file
 
-from serving.engine.config import EngineConfig
 from common.errors import ConfigError
+from serving.engine.config import EngineConfig
 from serving.engine.model_runner import ModelRunner
 from serving.models import load_model
 from serving.models.random_init import save_random_checkpoint
-
-from model_runner_checks import check_logits, hf_model
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, initializer_range=0.2)
@@ -57,7 +56,7 @@ def test_llama_variants_match_hf_logits(tmp_path):
 
 
 def test_bfloat16_runs_close_to_float32(tinystories_path):
-    from serving.engine.batch import ScheduledChunk
+    from serving.batch import ScheduledChunk
 
     prompt = list(range(5, 45))
     logits = []

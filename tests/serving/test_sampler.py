@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from serving.engine.detokenizer import IncrementalDetokenizer
 from common.errors import InvalidRequest
+from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.sampler import Sampler
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence

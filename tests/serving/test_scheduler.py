@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from serving.engine.block_manager import BlockManager
 from common.errors import ConfigError
+from serving.engine.block_manager import BlockManager
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import Scheduler, SchedulerConfig
 from serving.engine.sequence import Sequence, SequenceStatus

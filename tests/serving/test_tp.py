@@ -16,14 +16,14 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.results import TandemError
+from common.errors import ConfigError, FieldError
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
-from common.errors import ConfigError, FieldError
-from serving.models.random_init import save_random_checkpoint
 from serving.engine.sampling_params import SamplingParams
-from serving.parallel.tp import check_tensor_parallel, layout_of, shard_for_rank, unshard
-from serving.parallel.serve import build_tp_engine
+from serving.models.random_init import save_random_checkpoint
 from serving.parallel.runner import TPModelRunner
+from serving.parallel.serve import build_tp_engine
+from serving.parallel.tp import check_tensor_parallel, layout_of, shard_for_rank, unshard
 
 STORY_PROMPTS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from clients.weight_push import StreamingPush, lora_adapter, push_weights, weight_messages
-from protos import tandem_pb2, tandem_pb2_grpc
-from protos.codec import roundtrip
-from protos.auth import NOT_CONFIGURED, PushAuth, bearer_metadata
-from serving.engine.config import EngineConfig
 from common.errors import FieldError, InvalidRequest
+from protos import tandem_pb2, tandem_pb2_grpc
+from protos.auth import NOT_CONFIGURED, PushAuth, bearer_metadata
+from protos.codec import roundtrip
+from serving.engine.config import EngineConfig
 from serving.engine.sampling_params import SamplingParams
 from serving.weights.stage import StagedUpdate, WeightStage
 from serving.weights.swap import WeightSwapper, WeightUpdater
@@ -402,8 +402,8 @@ def test_push_over_tls_with_the_token(server, stub, hf_base, tmp_path):
     import shutil
     import subprocess
 
-    from serving.rpc import server as server_module
     from protos.auth import channel_credentials, server_credentials
+    from serving.rpc import server as server_module
     from serving.rpc.push_service import WeightPushHandler
 
     if shutil.which("openssl") is None:
