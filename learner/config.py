@@ -150,7 +150,7 @@ class PPOConfig(CommonConfig):
                                         # and after every iteration
     push_quantize: str = "none"         # none (fp32) | bfloat16 | int8 | int4
     push_token_file: str = ""           # the server's push credential (else $TANDEM_PUSH_TOKEN)
-    gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task)
+    gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task); = gold.DEFAULT_EVAL_PROMPTS
 
     def validate(self) -> PPOConfig:
         super().validate()

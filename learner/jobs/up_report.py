@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from learner.metrics import read_metrics
+from learner.ppo.gold import DEFAULT_EVAL_PROMPTS
 
 log = logging.getLogger(__name__)
 
-EVAL_PROMPTS = 64          # as learner.ppo.gold.DEFAULT_EVAL_PROMPTS
 CURVE_POINTS = 10
 
 
@@ -24,7 +24,7 @@ def served_gold(client, model: str, seed: int, max_prompt_len: int, max_new_toke
     from learner.task import eval_prompts, gold_score
 
     tokenizer = load_tokenizer(model)
-    prompts = eval_prompts(EVAL_PROMPTS, seed)
+    prompts = eval_prompts(DEFAULT_EVAL_PROMPTS, seed)
     ids = [tokenizer(p).input_ids[-max_prompt_len:] for p in prompts]
     completions = client.generate(ids, temperature=0, max_new_tokens=max_new_tokens, timeout=120)
     scores = [gold_score(p, c.text) for p, c in zip(prompts, completions)]
@@ -44,7 +44,7 @@ def sampled_gold(address: str, model: str, run_dir: Path, learned: dict) -> dict
     out = {"gold_sampled_before": gold_of_checkpoint(run_dir / "sft", max_new_tokens=new, seed=seed),
            "gold_sampled_after": gold_of_checkpoint(learned["checkpoint"], max_new_tokens=new, seed=seed)}
     tokenizer = load_tokenizer(model)
-    prompts = eval_prompts(EVAL_PROMPTS, seed)
+    prompts = eval_prompts(DEFAULT_EVAL_PROMPTS, seed)
     ids = [tokenizer(p).input_ids[-learned["max_prompt_len"]:] for p in prompts]
     with RemoteRolloutSource(address, max_staleness=0) as source:
         rollouts = source.rollout(ids, SamplingParams(max_new_tokens=new, temperature=1.0, seed=seed), 4)

@@ -23,7 +23,6 @@ from learner.rollout.local import Rollout
 
 log = logging.getLogger(__name__)
 
-IMPORTANCE_CAP = 2.0  # truncation of the behaviour -> learner importance ratio for stale remote samples
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -99,10 +98,10 @@ class PPOTrainer:
         for a fresh row the ratio is 1 up to numerics. Local rollouts: none."""
         if self.config.rollout != "remote":
             return None, {}
-        from learner.rollout.staleness import truncated_importance_ratios
+        from learner.rollout.staleness import DEFAULT_CAP, truncated_importance_ratios
 
         weights, stats = truncated_importance_ratios(mb.logprobs, mb.behaviour_logprobs, mb.action_mask,
-                                                     cap=IMPORTANCE_CAP)
+                                                     cap=DEFAULT_CAP)
         return weights, stats.metrics()
 
     def actor_step(self, mb: ExperienceBatch) -> dict[str, float]:
