@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,11 +21,26 @@ from common.errors import ConfigError, FieldError
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """How tensor parallelism splits one parameter (serving.parallel.tp applies it)."""
+    dim: int          # the split dimension of the stored tensor (HF layout)
+    row: bool         # row-parallel (input split): the module's output needs an all_reduce
+    parts: int = 1    # fused tensors (GPT-2 c_attn = q|k|v): each part is split separately
+
+
+TPPlan = tuple[tuple[str, Shard], ...]   # (regex on the HF parameter name, Shard); first match wins
+
+
 class CausalLM(nn.Module):
-    """Base of the serving models: HF-named parameters, checked weight writes, the LM head."""
+    """Base of the serving models: HF-named parameters, checked weight writes, the LM head.
+
+    Each family declares its tensor-parallel plan (`tp_plan`): which parameters are split column-wise
+    (output features) or row-wise (input features, followed by one all_reduce); the rest is replicated."""
 
     lm_head: nn.Linear
     tied: bool = False  # the LM head shares the input embedding matrix
+    tp_plan: ClassVar[TPPlan] = ()
 
     def input_embeddings(self) -> nn.Embedding:
         raise NotImplementedError

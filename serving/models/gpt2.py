@@ -7,7 +7,7 @@ from torch import nn
 
 from serving.layers.activations import get_activation
 from serving.layers.attention import AttentionMetadata, paged_attention
-from serving.models.base import CausalLM
+from serving.models.base import CausalLM, Shard
 
 
 class Conv1D(nn.Module):
@@ -76,6 +76,11 @@ class GPT2Model(nn.Module):
 
 class GPT2LMHeadModel(CausalLM):
     """GPT-2 over the flat ragged batch; parameter names as in HF GPT2LMHeadModel."""
+
+    # Conv1D stores [in, out]: column-parallel splits dim 1, row-parallel dim 0; c_attn is q|k|v fused
+    tp_plan = ((r"\.attn\.c_attn\.weight$", Shard(1, False, 3)), (r"\.attn\.c_attn\.bias$", Shard(0, False, 3)),
+               (r"\.mlp\.c_fc\.weight$", Shard(1, False)), (r"\.mlp\.c_fc\.bias$", Shard(0, False)),
+               (r"\.c_proj\.weight$", Shard(0, True)))
 
     def __init__(self, cfg):
         super().__init__()

@@ -9,7 +9,7 @@ from serving.layers.activations import get_activation
 from serving.layers.attention import AttentionMetadata, paged_attention
 from serving.layers.norms import RMSNorm
 from serving.layers.rotary import RotaryEmbedding, rope_settings
-from serving.models.base import CausalLM
+from serving.models.base import CausalLM, Shard
 
 
 class LlamaAttention(nn.Module):
@@ -75,6 +75,10 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     """Llama over the flat ragged batch; parameter names as in HF LlamaForCausalLM."""
+
+    # nn.Linear stores [out, in]: column-parallel splits dim 0, row-parallel dim 1
+    tp_plan = ((r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$", Shard(0, False)),
+               (r"\.(o_proj|down_proj)\.weight$", Shard(1, True)))
 
     def __init__(self, cfg):
         super().__init__()

@@ -8,7 +8,7 @@ from torch import nn
 
 from serving.layers.activations import get_activation
 from serving.layers.attention import AttentionMetadata, paged_attention
-from serving.models.base import CausalLM
+from serving.models.base import CausalLM, Shard
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
@@ -78,6 +78,9 @@ class OPTModel(nn.Module):
 
 class OPTForCausalLM(CausalLM):
     """OPT over the flat ragged batch; parameter names as in HF OPTForCausalLM."""
+
+    tp_plan = ((r"\.(q_proj|k_proj|v_proj|fc1)\.(weight|bias)$", Shard(0, False)),
+               (r"\.(out_proj|fc2)\.weight$", Shard(1, True)))
 
     def __init__(self, cfg):
         super().__init__()

@@ -110,7 +110,8 @@ class TPModelRunner(ShardedModelRunner):
             expected = shapes.get(self.model.hf_name(name))
             if expected is not None and isinstance(t, torch.Tensor) and tuple(t.shape) != expected:
                 raise FieldError(name, f"shape {tuple(t.shape)} does not match {expected}")
-        local = [(name, shard_for_rank(self.model.hf_name(name), t, 0, self.world) if isinstance(t, torch.Tensor) else t)
+        plan = self.model.tp_plan
+        local = [(name, shard_for_rank(plan, self.model.hf_name(name), t, 0, self.world) if isinstance(t, torch.Tensor) else t)
                  for name, t in full]
         pairs = self.model.check_weights(local)          # FieldError naming the tensor: nothing sent
         table = self.model.parameter_table()
@@ -118,7 +119,7 @@ class TPModelRunner(ShardedModelRunner):
         with self._group_call(("load", names)):
             for rank in range(1, self.world):
                 for name, (_, tensor) in zip(names, full):
-                    part = shard_for_rank(name, tensor, rank, self.world).to(table[name].device, table[name].dtype)
+                    part = shard_for_rank(plan, name, tensor, rank, self.world).to(table[name].device, table[name].dtype)
                     self.group.send(part, dst=rank)
             self.model.write_weights(pairs)
 
@@ -128,11 +129,11 @@ class TPModelRunner(ShardedModelRunner):
         local = self.model.parameter_table().get(hf_name) if hf_name is not None else None
         if local is None:
             raise FieldError(name, f"unknown parameter for {type(self.model).__name__}")
-        if layout_of(hf_name) is None:
+        if layout_of(self.model.tp_plan, hf_name) is None:
             return local.detach().clone()
         with self._group_call(("gather", hf_name)):
             shards = self.group.all_gather(local)
-        return unshard(hf_name, shards)
+        return unshard(self.model.tp_plan, hf_name, shards)
 
     def rank_memory(self) -> list[dict[str, int]]:
         """Per rank (index = rank): bytes of sharded parameters, replicated parameters and KV cache."""

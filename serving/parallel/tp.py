@@ -1,6 +1,7 @@
 """Tensor parallelism as one rewrite of a serving model (Megatron-style, in the spirit of gpt-fast's tp.py).
 
-The sharding rule, by HF parameter name (rank r of N keeps slice r of N, contiguous):
+The sharding rule, by HF parameter name, as each model family declares it in its `tp_plan`
+(serving/models/*.py; rank r of N keeps slice r of N, contiguous):
 
 - column-parallel (output features split): q/k/v projections, gate_proj/up_proj, OPT's fc1, GPT-2's
   c_fc, and GPT-2's fused c_attn (its q, k and v parts each split). Query heads AND KV heads are split:
@@ -21,46 +22,33 @@ shard and when a weight update is split across ranks.
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from common.errors import ConfigError, FieldError
+from serving.models.base import Shard, TPPlan
 
 
-@dataclass(frozen=True)
-class Layout:
-    dim: int          # the split dimension of the stored tensor (HF layout)
-    row: bool         # row-parallel (input split): the module's output needs an all_reduce
-    parts: int = 1    # fused tensors (GPT-2 c_attn = q|k|v): each part is split separately
+@functools.cache
+def _compiled(plan: TPPlan) -> tuple[tuple[re.Pattern, Shard], ...]:
+    return tuple((re.compile(pattern), shard) for pattern, shard in plan)
 
 
-# First match wins. nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-_RULES: list[tuple[re.Pattern, Layout]] = [(re.compile(p), layout) for p, layout in [
-    (r"\.attn\.c_attn\.weight$", Layout(1, False, 3)),
-    (r"\.attn\.c_attn\.bias$", Layout(0, False, 3)),
-    (r"\.mlp\.c_fc\.weight$", Layout(1, False)),
-    (r"\.mlp\.c_fc\.bias$", Layout(0, False)),
-    (r"\.c_proj\.weight$", Layout(0, True)),
-    (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj|fc1)\.(weight|bias)$", Layout(0, False)),
-    (r"\.(o_proj|out_proj|down_proj|fc2)\.weight$", Layout(1, True)),
-]]
-
-
-def layout_of(name: str) -> Layout | None:
-    """How the HF parameter `name` is sharded; None: replicated on every rank."""
-    for pattern, layout in _RULES:
+def layout_of(plan: TPPlan, name: str) -> Shard | None:
+    """How the HF parameter `name` is sharded under a model family's `tp_plan`; None: replicated."""
+    for pattern, layout in _compiled(plan):
         if pattern.search(name):
             return layout
     return None
 
 
-def shard_for_rank(name: str, tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+def shard_for_rank(plan: TPPlan, name: str, tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank `rank`'s slice of the full HF tensor `name` (the tensor itself when replicated or world == 1)."""
-    layout = layout_of(name)
+    layout = layout_of(plan, name)
     if layout is None or world == 1:
         return tensor
     size = tensor.shape[layout.dim] if tensor.dim() > layout.dim else 0
@@ -71,18 +59,18 @@ def shard_for_rank(name: str, tensor: torch.Tensor, rank: int, world: int) -> to
     return torch.cat([p.chunk(world, layout.dim)[rank] for p in parts], layout.dim).contiguous()
 
 
-def unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+def unshard(plan: TPPlan, name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """The full HF tensor from every rank's shard (index = rank): the inverse of `shard_for_rank`."""
-    layout = layout_of(name)
+    layout = layout_of(plan, name)
     if layout is None or len(shards) == 1:
         return shards[0]
     pieces = [s.chunk(layout.parts, layout.dim) for s in shards]
     return torch.cat([torch.cat([p[k] for p in pieces], layout.dim) for k in range(layout.parts)], layout.dim)
 
 
-def full_shape(name: str, local_shape: tuple[int, ...], world: int) -> tuple[int, ...]:
+def full_shape(plan: TPPlan, name: str, local_shape: tuple[int, ...], world: int) -> tuple[int, ...]:
     """The full HF shape of a parameter from one rank's shard shape."""
-    layout = layout_of(name)
+    layout = layout_of(plan, name)
     if layout is None or world == 1:
         return tuple(local_shape)
     shape = list(local_shape)
@@ -139,11 +127,11 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world: int, group) -> nn.
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, getattr(module, attr) // world)
         weight = getattr(module, "weight", None)
-        layout = layout_of(f"{prefix}.weight") if isinstance(weight, nn.Parameter) else None
+        layout = layout_of(model.tp_plan, f"{prefix}.weight") if isinstance(weight, nn.Parameter) else None
         if layout is None:
             continue
         bias = getattr(module, "bias", None)
-        shard_w = shard_for_rank(f"{prefix}.weight", weight.data, rank, world)
+        shard_w = shard_for_rank(model.tp_plan, f"{prefix}.weight", weight.data, rank, world)
         if layout.row:
             parent_name, _, child = prefix.rpartition(".")
             replacement = RowParallel(shard_w, None if bias is None else bias.data, layout.dim, group)
@@ -151,7 +139,8 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world: int, group) -> nn.
             continue
         module.weight = nn.Parameter(shard_w, requires_grad=False)
         if isinstance(bias, nn.Parameter):
-            module.bias = nn.Parameter(shard_for_rank(f"{prefix}.bias", bias.data, rank, world), requires_grad=False)
+            bias_shard = shard_for_rank(model.tp_plan, f"{prefix}.bias", bias.data, rank, world)
+            module.bias = nn.Parameter(bias_shard, requires_grad=False)
         if isinstance(module, nn.Linear):
             module.out_features = shard_w.shape[0]
     return model
@@ -170,7 +159,7 @@ def load_sharded_model(path: str | Path, dtype: torch.dtype, device: torch.devic
     apply_tensor_parallel(model, rank, world, group)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
-    model.load_checkpoint((name, shard_for_rank(model.hf_name(name) or name, tensor, rank, world))
+    model.load_checkpoint((name, shard_for_rank(model.tp_plan, model.hf_name(name) or name, tensor, rank, world))
                           for name, tensor in iter_checkpoint(Path(path)))
     return model.eval().requires_grad_(False), hf_config
 
@@ -180,7 +169,7 @@ def sharded_parameter_bytes(model: nn.Module) -> tuple[int, int]:
     sharded = replicated = 0
     for name, param in model.named_parameters():
         nbytes = param.numel() * param.element_size()
-        if layout_of(name) is not None:
+        if layout_of(model.tp_plan, name) is not None:
             sharded += nbytes
         else:
             replicated += nbytes

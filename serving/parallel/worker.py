@@ -53,7 +53,8 @@ class ShardedModelRunner(ModelRunner):
 
     def hf_parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Full HF shapes (what a weight push must send), not this rank's shard shapes."""
-        return {name: full_shape(name, tuple(p.shape), self.world) for name, p in self.model.parameter_table().items()}
+        plan = self.model.tp_plan
+        return {name: full_shape(plan, name, tuple(p.shape), self.world) for name, p in self.model.parameter_table().items()}
 
 
 def rank_memory(runner: ShardedModelRunner) -> dict[str, int]:

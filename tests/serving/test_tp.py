@@ -20,6 +20,8 @@ from common.errors import ConfigError, FieldError
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
+from serving.models.gpt2 import GPT2LMHeadModel
+from serving.models.llama import LlamaForCausalLM
 from serving.models.random_init import save_random_checkpoint
 from serving.parallel.runner import TPModelRunner
 from serving.parallel.serve import build_tp_engine
@@ -63,15 +65,16 @@ def test_shards_reassemble_to_the_full_tensor():
                         ("transformer.h.0.attn.c_attn.weight", (16, 48)),        # fused q|k|v Conv1D [in, 3*out]
                         ("transformer.h.0.attn.c_attn.bias", (48,))]:
         full = torch.randn(shape)
-        layout = layout_of(name)
-        shards = [shard_for_rank(name, full, r, 2) for r in range(2)]
+        plan = (GPT2LMHeadModel if name.startswith("transformer.") else LlamaForCausalLM).tp_plan
+        layout = layout_of(plan, name)
+        shards = [shard_for_rank(plan, name, full, r, 2) for r in range(2)]
         for shard in shards:
             assert shard.shape[layout.dim] == full.shape[layout.dim] // 2
-        assert torch.equal(unshard(name, shards), full), name
+        assert torch.equal(unshard(plan, name, shards), full), name
     norm = torch.randn(16)
-    assert shard_for_rank("model.norm.weight", norm, 1, 2) is norm                  # replicated
+    assert shard_for_rank(LlamaForCausalLM.tp_plan, "model.norm.weight", norm, 1, 2) is norm                  # replicated
     with pytest.raises(FieldError, match="q_proj"):
-        shard_for_rank("model.layers.0.self_attn.q_proj.weight", torch.zeros(6, 4), 0, 4)
+        shard_for_rank(LlamaForCausalLM.tp_plan, "model.layers.0.self_attn.q_proj.weight", torch.zeros(6, 4), 0, 4)
 
 
 def test_tp_refuses_head_counts_that_do_not_divide(tmp_path):
@@ -115,7 +118,7 @@ def test_tp2_greedy_identical_to_tp1_and_half_the_sharded_weights_per_rank(model
 
         memory = engine.runner.rank_memory()
         full_sharded = sum(p.numel() * p.element_size() for n, p in reference.runner.model.named_parameters()
-                           if layout_of(n) is not None)
+                           if layout_of(reference.runner.model.tp_plan, n) is not None)
         full_kv = sum(c.numel() * c.element_size() for c in reference.runner.kv_caches)
         for rank, m in enumerate(memory):
             print(f"{model} tp=2 rank {rank}: sharded params {m['sharded_params']} B of {full_sharded} B "
