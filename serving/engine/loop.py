@@ -73,6 +73,12 @@ class RequestStream:
                 self._order.append(item)
             self._ready.notify()
 
+    @property
+    def unread(self) -> int:
+        """Items waiting for the reader (at most one output per prompt, plus an error or the cancel mark)."""
+        with self._ready:
+            return len(self._order)
+
     def _get(self):
         with self._ready:
             while not self._order:
