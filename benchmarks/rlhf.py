@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.files import write_private
 from learner.metrics import read_metrics
 
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare(run, args.seed)
     work.mkdir(parents=True, exist_ok=True)
     token_file = work / "push_token"
-    token_file.write_text(secrets.token_hex(16))
+    write_private(token_file, secrets.token_hex(16))
     server = start_server(["--model", str(run / "sft"), "--port", "0", "--push-token-file", str(token_file)],
                           env=child_env(OMP_NUM_THREADS="1"), log_file=work / "server.log")
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from clients.weight_push import push_weights
+from common.files import write_private
 from protos.codec import ENCODINGS, roundtrip
 from serving.engine.config import EngineConfig
 from serving.models.random_init import LLAMA_25M, save_random_checkpoint
@@ -165,7 +166,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
-        token_file.write_text(TOKEN)
+        write_private(token_file, TOKEN)
         rows = []
         print(HEADER)
         for name in args.models:

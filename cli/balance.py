@@ -6,7 +6,8 @@ import argparse
 
 from common.errors import ConfigError
 
-OPTIONS = {"backends": "--backends", "host": "--host", "port": "--port", "health_interval_s": "--health-interval"}
+OPTIONS = {"backends": "--backends", "host": "--host", "port": "--port", "health_interval_s": "--health-interval",
+           "push_token_file": "--push-token-file"}
 
 
 def register(subparsers) -> None:
@@ -20,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=50051, help="0: pick a free port (default: %(default)s)")
     p.add_argument("--health-interval", type=float, default=0.5, metavar="S",
                    help="seconds between health checks of each replica (default: %(default)s)")
+    p.add_argument("--push-token-file", default=None, metavar="FILE",
+                   help="the credential PushWeights calls must carry, checked here before forwarding (else "
+                        "$TANDEM_PUSH_TOKEN; with neither, weight pushes are refused)")
     p.set_defaults(run=run, default_log_level="INFO", parser=p)
 
 
@@ -29,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     config = BalancerConfig(backends=backends, host=args.host, port=args.port,
-                            health_interval_s=args.health_interval)
+                            health_interval_s=args.health_interval, push_token_file=args.push_token_file)
     try:
         config.validate()
         return serve_balancer(config, ready=_print_ready)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from common.errors import ConfigError
 from serving.engine.config import DEVICES, DTYPES, EngineConfig
+from serving.rpc import limits
 
 # EngineConfig / ServerConfig field -> the option that sets it, so errors name what the user typed.
 OPTIONS = {
@@ -16,6 +17,7 @@ OPTIONS = {
     "max_num_seqs": "--max-num-seqs", "max_model_len": "--max-model-len", "host": "--host",
     "port": "--port", "grace_s": "--grace-period", "max_concurrent_rpcs": "--max-concurrent-rpcs",
     "push_token_file": "--push-token-file", "tp": "--tp", "replicas": "--replicas",
+    "swap_timeout_s": "--swap-timeout", **limits.OPTIONS,
 }
 
 DESCRIPTION = ("Load a local HF checkpoint and serve Generate/GenerateStream over gRPC. --port 0 picks a "
@@ -44,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-token-file", default=None, metavar="FILE",
                    help="the credential PushWeights calls must carry (else $TANDEM_PUSH_TOKEN; "
                         "with neither, weight pushes are refused)")
+    p.add_argument("--swap-timeout", type=float, default=30.0, metavar="S",
+                   help="a weight swap waits at most S s for running requests, then ends them as aborted "
+                        "(ABORTED) and swaps; new requests wait at most this long (default: %(default)s)")
+    limits.add_arguments(p)
 
 
 def engine_argv(engine: EngineConfig) -> list[str]:
@@ -74,7 +80,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = engine_config(args)
     server_config = ServerConfig(host=args.host, port=args.port, grace_s=args.grace_period,
                                  max_concurrent_rpcs=args.max_concurrent_rpcs,
-                                 push_token_file=args.push_token_file)
+                                 push_token_file=args.push_token_file, swap_timeout_s=args.swap_timeout,
+                                 limits=limits.from_args(args))
     try:
         config.validate()
         server_config.validate()

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.errors import ConfigError
+from common.files import write_private
 from common.net import free_port
 from common.process import ServiceProcess, child_env
 from learner.config import PUSH_ENCODINGS
@@ -102,8 +103,7 @@ def run_up(config: UpConfig) -> dict:
         model = str(default_model_path())
     times["model_s"] = time.perf_counter() - began
     token_file = run_dir / "push_token"
-    token_file.write_text(secrets.token_hex(16))
-    token_file.chmod(0o600)
+    write_private(token_file, secrets.token_hex(16))
 
     server = learner = None
     try:

@@ -33,11 +33,15 @@ def actor_tensors(model: nn.Module, keep: bool = True) -> Iterator[tuple[str, to
         yield name.removeprefix(PEFT_PREFIX), tensor
 
 
+PUSH_DEADLINE_S = 600.0   # a push (stream + the server's swap) that takes longer fails with DEADLINE_EXCEEDED
+
+
 def push_actor(actor, server: str, token: str | None, version: int, *, origin: str,
-               encoding: str = "float32") -> PushReport | None:
-    """Push `actor` as `version`; rank 0 returns the server's report, other ranks None."""
+               encoding: str = "float32", timeout: float | None = PUSH_DEADLINE_S) -> PushReport | None:
+    """Push `actor` as `version` within `timeout` s; rank 0 returns the server's report, other ranks None."""
     keep = ds.rank() == 0
-    push = StreamingPush(server, token=token, version=version, origin=origin, encoding=encoding) if keep else None
+    push = StreamingPush(server, token=token, version=version, origin=origin, encoding=encoding,
+                         timeout=timeout) if keep else None
     try:
         for name, tensor in actor_tensors(actor, keep=keep):
             push.send(name, tensor)

@@ -20,6 +20,7 @@ from common.errors import InvalidRequest
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.guards import check_allowed_set, sample_isolated
 from serving.engine.outputs import EngineStats, RequestOutput
 from serving.engine.sampler import Sampler
 from serving.engine.sampling_params import SamplingParams
@@ -77,6 +78,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         params.validate()
+        check_allowed_set(params, self.info.eos_token_ids, self.info.vocab_size)
         prompt_ids = self._prompt_ids(prompt)
         seed = params.seed
         if seed is None:
@@ -151,18 +153,47 @@ class LLMEngine:
                 sampling.append(seq)
         if not sampling:
             return []
-        token_ids, logprobs = self.sampler(logits, sampling)
+        token_ids, logprobs, failed = sample_isolated(self.sampler, logits, sampling)
         outputs = []
-        for seq, token_id, logprob in zip(sampling, token_ids, logprobs):
-            seq.append_token(token_id, logprob)
-            self.tokens_generated += 1
-            self._check_finish(seq, token_id)
-            outputs.append(self._output(seq))
+        for i, (seq, token_id, logprob) in enumerate(zip(sampling, token_ids, logprobs)):
+            if i in failed:                          # this request's numbers, not the engine: end it alone
+                outputs.append(self._end_aborted(seq, failed[i]))
+                continue
+            try:
+                seq.append_token(token_id, logprob)
+                self.tokens_generated += 1
+                self._check_finish(seq, token_id)
+                out = self._output(seq)
+            except Exception as err:  # noqa: BLE001 - detokenizing / stop matching failed for this request only
+                logger.warning("request %s failed after sampling: %s: %s", seq.request_id, type(err).__name__, err)
+                outputs.append(self._end_aborted(seq, f"{type(err).__name__}: {err}"))
+                continue
+            outputs.append(out)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)
                 self.requests_finished += 1
         return outputs
+
+    def _end_aborted(self, seq: Sequence, error: str) -> RequestOutput:
+        """Finish one request as "abort" with `error` (its KV blocks are freed); the engine goes on."""
+        seq.finish_reason = "abort"
+        start = seq.num_emitted_tokens
+        seq.num_emitted_tokens = seq.num_output_tokens
+        detok = seq.detokenizer
+        text = detok.text[:detok.emitted] if detok is not None else ""
+        self.scheduler.finish(seq)
+        self.requests.pop(seq.request_id, None)
+        self.requests_finished += 1
+        return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+                             new_token_ids=seq.output_token_ids[start:], new_logprobs=seq.output_logprobs[start:],
+                             new_text="", token_ids=list(seq.output_token_ids), logprobs=list(seq.output_logprobs),
+                             text=text, finished=True, finish_reason="abort", weight_version=self.weight_version,
+                             error=error)
+
+    def abort_all(self, error: str) -> list[RequestOutput]:
+        """Finish every request in the engine as "abort" with `error` (e.g. stragglers of a weight swap)."""
+        return [self._end_aborted(seq, error) for seq in list(self.requests.values())]
 
     def _check_finish(self, seq: Sequence, token_id: int) -> None:
         p = seq.params

@@ -8,14 +8,20 @@ do the loop sleeps on a condition variable: no busy spin.
 An optional `gate` lets a weight update wait for a drained engine (serving.weights.swap.WeightSwapper
 fits): while `gate.holding`, new batches are held back; `gate.before_step(engine)` runs after every
 step and whenever the loop wakes, and returns True once it has applied its update, which releases the
-held batches; `gate.fail_pending(error)` refuses what is still queued when the loop stops.
+held batches; `gate.fail_pending(error)` refuses what is still queued when the loop stops; and
+`gate.overdue()` (optional) returns a message once a held update has waited longer than its timeout:
+the loop then finishes every request still in the engine as "abort" with that message.
+
+A slow reader costs bounded memory: a RequestStream keeps at most one unread output per prompt, merging
+the newer output into the unread one (deltas concatenated, totals from the newer), so however far behind
+its client is, a stream holds one entry per prompt and the engine never waits for it.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -51,10 +57,36 @@ class RequestStream:
         self.cancelled = False
         self.finished = False
         self._loop: EngineLoop | None = None
-        self._queue: queue.Queue = queue.Queue()
+        self._ready = threading.Condition()
+        self._order: deque = deque()                   # prompt indices with an unread output, errors, _CANCELLED
+        self._unread: dict[int, RequestOutput] = {}    # at most one unread output per prompt
 
     def put(self, item: tuple[int, RequestOutput] | BaseException) -> None:
-        self._queue.put(item)
+        with self._ready:
+            if isinstance(item, tuple):
+                index, out = item
+                earlier = self._unread.get(index)
+                if earlier is None:
+                    self._order.append(index)
+                self._unread[index] = out if earlier is None else out.after(earlier)
+            else:
+                self._order.append(item)
+            self._ready.notify()
+
+    @property
+    def unread(self) -> int:
+        """Items waiting for the reader (at most one output per prompt, plus an error or the cancel mark)."""
+        with self._ready:
+            return len(self._order)
+
+    def _get(self):
+        with self._ready:
+            while not self._order:
+                self._ready.wait()
+            item = self._order.popleft()
+            if isinstance(item, int):
+                return item, self._unread.pop(item)
+            return item
 
     def cancel(self) -> None:
         """Abort every request of the batch (frees its KV blocks at the next step boundary) and stop
@@ -64,17 +96,17 @@ class RequestStream:
         self.cancelled = True
         if self._loop is not None:
             try:
-                self._loop.abort(self.request_ids)
+                self._loop.abort(self.request_ids, owner=self)
             except EngineDead:
                 pass                     # nothing runs any more
-        self._queue.put(_CANCELLED)
+        RequestStream.put(self, _CANCELLED)      # this stream's own reader (subclasses may route put elsewhere)
 
     def __iter__(self) -> Iterator[tuple[int, RequestOutput]]:
         """Yield outputs until every request of the batch has finished; stop early when cancelled.
         Raises the InvalidRequest or EngineDead the loop reported for this batch."""
         unfinished = set(range(len(self.request_ids)))
         while unfinished:
-            item = self._queue.get()
+            item = self._get()
             if item is _CANCELLED:
                 return
             if isinstance(item, BaseException):
@@ -115,9 +147,11 @@ class EngineLoop:
         all or nothing; an engine-side InvalidRequest arrives through the stream."""
         self._command(("add", stream, list(prompts), params))
 
-    def abort(self, request_ids: Sequence[str]) -> None:
-        """Abort requests that are still running; unknown or finished ids are ignored."""
-        self._command(("abort", list(request_ids)))
+    def abort(self, request_ids: Sequence[str], owner: RequestStream | None = None) -> None:
+        """Abort requests that are still running; unknown or finished ids are ignored. With `owner`, only
+        requests submitted by that stream: a late cancel of a finished call never hits a newer call that
+        reuses its ids."""
+        self._command(("abort", list(request_ids), owner))
 
     def call(self, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
         """Run `fn(engine)` on the engine thread between two steps and return its result."""
@@ -174,6 +208,10 @@ class EngineLoop:
     def _pass_gate(self) -> None:
         if self._gate is None:
             return
+        overdue = getattr(self._gate, "overdue", None)
+        message = overdue() if overdue is not None and self.engine.has_unfinished_requests() else None
+        if message is not None:
+            self._dispatch(self.engine.abort_all(message))
         if self._gate.before_step(self.engine) or (self._held and not self._gate.holding):
             held, self._held = self._held, []
             for command in held:
@@ -187,8 +225,11 @@ class EngineLoop:
             else:
                 self._add(*command[1:])
         elif kind == "abort":
+            owner = command[2] if len(command) > 2 else None
             for request_id in command[1]:
-                if self._streams.pop(request_id, None) is not None:
+                entry = self._streams.get(request_id)
+                if entry is not None and (owner is None or entry[0] is owner):
+                    del self._streams[request_id]
                     self.engine.abort_request(request_id)
         elif kind == "call":
             fn, future = command[1], command[2]
@@ -217,7 +258,7 @@ class EngineLoop:
             self._streams[request_id] = (stream, index)
         stream._loop = self
         if stream.cancelled:             # cancelled while being added: abort() may have missed it
-            self._apply(("abort", added))
+            self._apply(("abort", added, stream))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -22,8 +23,15 @@ class RequestOutput:
     logprobs: list[float]
     text: str
     finished: bool
-    finish_reason: str | None     # "stop" | "length" | None while running
+    finish_reason: str | None     # "stop" | "length" | "abort" | None while running
     weight_version: int
+    error: str | None = None      # why a request ended as "abort" (bad numbers, a weight swap's deadline)
+
+    def after(self, earlier: RequestOutput) -> RequestOutput:
+        """This output merged with an `earlier` one nobody has read yet: the deltas of both, the totals of this."""
+        return dataclasses.replace(self, new_token_ids=earlier.new_token_ids + self.new_token_ids,
+                                   new_logprobs=earlier.new_logprobs + self.new_logprobs,
+                                   new_text=earlier.new_text + self.new_text)
 
 
 @dataclass

@@ -7,12 +7,16 @@ from dataclasses import dataclass, field
 
 from common.errors import InvalidRequest
 
+# Temperatures below this sample greedily: logits / 1e-5 stays finite in fp32 for any logit below 3e33, while
+# smaller temperatures (1e-40 is a float32 denormal) overflow the division and leave softmax with NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """Sampling options of one request. Field names equal the proto's, so errors name them."""
 
-    temperature: float = 1.0          # 0 = greedy
+    temperature: float = 1.0          # 0 (or anything below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0                # nucleus mass kept, in (0, 1]
     top_k: int = 0                    # 0 = off
     seed: int | None = None           # own generator: reproducible regardless of batch companions
@@ -24,7 +28,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self) -> SamplingParams:
         """Raise InvalidRequest naming the first bad field; return self."""

@@ -7,14 +7,17 @@ as raw bytes: the balancer never decodes a request, so it adds one hop and no (d
 Failures: a health-check thread asks every replica's standard health service twice a second; a replica that
 does not answer SERVING is out of rotation until it does again (a call that fails with UNAVAILABLE takes its
 replica out at once); when no replica is healthy, calls still try each one once. A call that fails on a
-replica with a retriable code (UNAVAILABLE, INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, or CANCELLED while the
-client is still there) is retried on another replica when nothing has been relayed to the client yet — always
-for unary calls, and for streams until their first message; after that the client gets the error. Other codes
-(e.g. INVALID_ARGUMENT) pass through untouched.
+replica with UNAVAILABLE (or CANCELLED while the client is still there) is retried on another replica when
+nothing has been relayed to the client yet — always for unary calls, and for streams until their first
+message; after that the client gets the error. Every other code passes through untouched: INTERNAL (a
+replica's engine failed: the same request may fail the same way elsewhere), INVALID_ARGUMENT (the request
+is bad everywhere), RESOURCE_EXHAUSTED (back-pressure or a limit: retrying elsewhere would only move load).
 
-PushWeights is fanned out: the pushed stream is buffered, then sent to every healthy replica (with the
-caller's metadata, so the push credential travels); the answer is the first replica's PushResult when
-all succeeded, else the first error, naming the replica. The balancer's own health service reports
+PushWeights: the credential is checked here first (UNAUTHENTICATED, and nothing read, without it); then the
+pushed stream is relayed message by message to every healthy replica at once (with the caller's metadata,
+so the credential travels), each through a queue of a few messages, so the balancer never holds a whole
+push; the answer is the first replica's PushResult when all succeeded, else the first error, naming the
+replica. A push cut off mid-stream is cut off on every replica (each applies nothing). The balancer's own health service reports
 SERVING while at least one replica is healthy.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -30,14 +34,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.errors import ConfigError
+from protos.auth import PushAuth
 from protos.names import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
 ROUTED_UNARY = ("Generate", "GetStatus")
 ROUTED_STREAM = ("GenerateStream", "StreamExperience")
-RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-             grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRIABLE = {grpc.StatusCode.UNAVAILABLE}
+PUSH_QUEUE = 8                         # messages of a push waiting for one replica
+_END = object()
 _HOP_HEADERS = ("user-agent", "grpc-", ":")
 
 
@@ -50,6 +56,7 @@ class BalancerConfig:
     health_timeout_s: float = 2.0
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 64 << 20
+    push_token_file: str | None = None  # the PushWeights credential (else $TANDEM_PUSH_TOKEN; else pushes refused)
 
     def validate(self) -> BalancerConfig:
         if not self.backends:
@@ -80,6 +87,7 @@ class Balancer:
 
     def __init__(self, config: BalancerConfig):
         self.config = config.validate()
+        self.auth = PushAuth.from_sources(config.push_token_file)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
         self.replicas = [self._replica(a, options) for a in config.backends]
@@ -243,13 +251,24 @@ class Balancer:
         return handle
 
     def _push(self, request_iterator, context):
-        messages = list(request_iterator)
+        self.auth.check(context)                  # before a single message is read
         with self._lock:
             targets = [r for r in self.replicas if r.healthy]
         if not targets:
             self._no_replica(context, None)
-        calls = [(r, r.methods["PushWeights"].future(iter(messages), timeout=_remaining(context),
-                                                     metadata=_forwarded(context))) for r in targets]
+        feeds = [queue.Queue(maxsize=PUSH_QUEUE) for _ in targets]
+        calls = [(r, r.methods["PushWeights"].future(_drain(feed), timeout=_remaining(context),
+                                                     metadata=_forwarded(context))) for r, feed in zip(targets, feeds)]
+        try:
+            for message in request_iterator:
+                for feed, (_, call) in zip(feeds, calls):
+                    _offer(feed, message, call)
+        except Exception:  # noqa: BLE001 - the pusher's stream broke: cut every replica's stream off too
+            for _, call in calls:
+                call.cancel()
+            context.abort(grpc.StatusCode.CANCELLED, "the push stream was cut off; nothing applied")
+        for feed, (_, call) in zip(feeds, calls):
+            _offer(feed, _END, call)
         results = []
         for replica, call in calls:
             try:
@@ -257,6 +276,21 @@ class Balancer:
             except grpc.RpcError as err:
                 context.abort(err.code(), f"replica {replica.address}: {err.details()}")
         return results[0]
+
+
+def _drain(feed: queue.Queue):
+    while (message := feed.get()) is not _END:
+        yield message
+
+
+def _offer(feed: queue.Queue, item, call) -> None:
+    """Queue `item` for one replica's push, unless that call has already ended (it reads no more)."""
+    while not call.done():
+        try:
+            feed.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
 
 
 def _remaining(context) -> float | None:

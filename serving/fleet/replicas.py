@@ -102,7 +102,7 @@ def serve_replicas(engine: EngineConfig, host: str, port: int, replicas: int, tp
     """`tandem serve --replicas R`: R replica processes behind a balancer on host:port."""
     if replicas < 1:
         raise ConfigError("replicas", f"must be >= 1, got {replicas}")
-    config = BalancerConfig(backends=["127.0.0.1:1"], host=host, port=port).validate()
+    config = BalancerConfig(backends=["127.0.0.1:1"], host=host, port=port, push_token_file=push_token_file).validate()
     started = time.monotonic()
     procs = start_replicas(replica_options(engine, tp, push_token_file, grace_s), replicas)
     addresses = [p.address for p in procs]

@@ -56,7 +56,9 @@ class TPServer:
         self.engine = build_tp_engine(engine_config, tp, self._on_rank_failure, collective_timeout_s)
         try:
             self._server = GenerationServer(self.engine, server_config, model_name=engine_config.model,
-                                            push_handler=WeightPushHandler.for_engine(self.engine, auth))
+                                            push_handler=WeightPushHandler.for_engine(
+                                                self.engine, auth, swap_timeout_s=server_config.swap_timeout_s,
+                                                limits=server_config.limits))
         except BaseException:
             self.engine.runner.shutdown()
             raise

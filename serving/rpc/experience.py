@@ -30,6 +30,7 @@ from serving.engine.loop import EngineDead, EngineLoop, RequestStream
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
 from serving.rpc.convert import engine_error_field, params_from_proto, prompt_from_proto
+from serving.rpc.limits import Admission, RequestLimits, ServerFull
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class _Sample(RequestStream):
         self._sink = sink
 
     def put(self, item) -> None:
+        if isinstance(item, tuple):
+            if not item[1].finished:
+                return                   # only final outputs are streamed: a slow reader holds one per sample
+            self.finished = True         # a late cancel() then has nothing to abort
         if isinstance(item, InvalidRequest):
             item = engine_error_field(item)
         if isinstance(item, InvalidRequest) and item.field.startswith("prompts[0]"):   # the loop saw one prompt
@@ -143,23 +148,37 @@ class RolloutStream:
 class ExperienceHandler:
     """`stream_experience(request, context)`: the body of Generation.StreamExperience."""
 
-    def __init__(self, loop: EngineLoop, encode: Callable[[str], list[int]], vocab_size: int, max_model_len: int):
+    def __init__(self, loop: EngineLoop, encode: Callable[[str], list[int]], vocab_size: int, max_model_len: int,
+                 limits: RequestLimits | None = None, admission: Admission | None = None):
         self.loop = loop
+        self.limits = limits or RequestLimits()
+        self.admission = admission or Admission(self.limits.max_pending)
         self.encode = encode
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
 
     def stream_experience(self, request: tandem_pb2.RolloutRequest, context) -> Iterator[tandem_pb2.Experience]:
         try:
+            self.limits.check_rollout(request)
             rollout = rollout_from_proto(request, self.encode, self.vocab_size, self.max_model_len)
+            self.limits.check_tokens(rollout.prompts, rollout.params.max_new_tokens, self.max_model_len,
+                                     repeats=rollout.samples_per_prompt)
         except InvalidRequest as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        try:
+            self.admission.hold(len(rollout.prompts) * rollout.samples_per_prompt, context)
+        except ServerFull as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         stream = RolloutStream(rollout)
         if not context.add_callback(stream.cancel):   # fires on cancel, deadline and normal end
             stream.cancel()
         try:
             stream.submit(self.loop)
             for prompt_index, sample_index, out in stream:
+                if out.error is not None:      # this sample alone was ended (bad numbers, a swap's deadline)
+                    stream.cancel()
+                    context.abort(grpc.StatusCode.ABORTED, f"prompts[{prompt_index}] sample {sample_index}: "
+                                                           f"{out.error} (finish_reason abort)")
                 yield experience_to_proto(rollout.rollout_id, prompt_index, sample_index, out)
         except InvalidRequest as err:
             stream.cancel()

@@ -29,14 +29,17 @@ WAKE_S = 0.05   # how often a waiting push nudges the engine loop to check wheth
 class WeightPushHandler:
     """`push_weights(request_iterator, context, loop)`: the body of Generation.PushWeights."""
 
-    def __init__(self, auth: PushAuth, swapper: WeightSwapper):
+    def __init__(self, auth: PushAuth, swapper: WeightSwapper, max_origin_chars: int = 256):
         self.auth = auth
         self.swapper = swapper
+        self.max_origin_chars = max_origin_chars
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
     @classmethod
-    def for_engine(cls, engine, auth: PushAuth, policy: str = "drain") -> WeightPushHandler:
-        return cls(auth, WeightSwapper(WeightUpdater(engine), policy))
+    def for_engine(cls, engine, auth: PushAuth, policy: str = "drain", swap_timeout_s: float = 30.0,
+                   limits=None) -> WeightPushHandler:
+        max_origin = limits.max_id_chars if limits is not None else 256
+        return cls(auth, WeightSwapper(WeightUpdater(engine), policy, swap_timeout_s), max_origin_chars=max_origin)
 
     def push_weights(self, request_iterator, context: grpc.ServicerContext, loop) -> tandem_pb2.PushResult:
         self.auth.check(context)
@@ -46,7 +49,8 @@ class WeightPushHandler:
             version = loop.call(lambda engine: engine.weight_version, timeout=60.0)
         except EngineDead as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        stage = WeightStage(self._shapes, version, conv1d=loop.engine.info.architecture == "gpt2")
+        stage = WeightStage(self._shapes, version, conv1d=loop.engine.info.architecture == "gpt2",
+                            max_origin_chars=self.max_origin_chars)
         messages = iter(request_iterator)
         while True:
             try:

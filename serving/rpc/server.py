@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +34,7 @@ from serving.rpc.convert import (
     status_to_proto,
 )
 from serving.rpc.experience import ExperienceHandler
+from serving.rpc.limits import Admission, RequestLimits, ServerFull
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class ServerConfig:
     grace_s: float = 10.0             # how long in-flight requests may run on after SIGINT/SIGTERM
     max_concurrent_rpcs: int = 256    # beyond this, RPCs get RESOURCE_EXHAUSTED instead of queueing
     push_token_file: str | None = None  # PushWeights credential (else $TANDEM_PUSH_TOKEN; else pushes refused)
+    swap_timeout_s: float = 30.0      # a weight swap waits this long for running requests, then aborts them
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def validate(self) -> ServerConfig:
         if not self.host:
@@ -56,6 +59,9 @@ class ServerConfig:
             raise ConfigError("grace_s", f"must be >= 0, got {self.grace_s}")
         if int(self.max_concurrent_rpcs) < 1:
             raise ConfigError("max_concurrent_rpcs", f"must be >= 1, got {self.max_concurrent_rpcs}")
+        if not self.swap_timeout_s >= 0:
+            raise ConfigError("swap_timeout_s", f"must be >= 0, got {self.swap_timeout_s}")
+        self.limits.validate()
         return self
 
 
@@ -64,8 +70,10 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
     (serving.rpc.push_service.WeightPushHandler) when one is given; StreamExperience to
     serving.rpc.experience.ExperienceHandler."""
 
-    def __init__(self, loop: EngineLoop, model_name: str, push_handler=None):
+    def __init__(self, loop: EngineLoop, model_name: str, push_handler=None, limits: RequestLimits | None = None):
         self.loop = loop
+        self.limits = (limits or RequestLimits()).validate()
+        self.admission = Admission(self.limits.max_pending)
         self.model_name = model_name
         self.push_handler = push_handler
         self.started_at = time.monotonic()
@@ -74,7 +82,8 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
         self._encode_lock = threading.Lock()   # handler threads share the engine's tokenizer
         self._vocab_size = engine.info.vocab_size
         self._max_model_len = engine.info.max_model_len
-        self.experience = ExperienceHandler(loop, self._encode, self._vocab_size, self._max_model_len)
+        self.experience = ExperienceHandler(loop, self._encode, self._vocab_size, self._max_model_len,
+                                            limits=self.limits, admission=self.admission)
 
     def Generate(self, request, context):
         valid, stream = self._start(request, context)
@@ -124,9 +133,15 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
     def _start(self, request, context) -> tuple[ValidRequest, RequestStream]:
         """Validate the whole batch, then submit it; cancellation or a deadline aborts it at once."""
         try:
+            self.limits.check_generate(request)
             valid = request_from_proto(request, self._encode, self._vocab_size, self._max_model_len)
+            self.limits.check_tokens(valid.prompts, valid.params.max_new_tokens, self._max_model_len)
         except InvalidRequest as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        try:
+            self.admission.hold(len(valid.prompts), context)
+        except ServerFull as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         stream = RequestStream(valid.engine_ids())
         if not context.add_callback(stream.cancel):    # fires on cancel, deadline and normal end
             stream.cancel()
@@ -138,7 +153,11 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
 
     def _outputs(self, stream: RequestStream, context) -> Iterator:
         try:
-            yield from stream
+            for index, out in stream:
+                if out.error is not None:     # this request alone was ended (bad numbers, a swap's deadline)
+                    stream.cancel()
+                    context.abort(grpc.StatusCode.ABORTED, f"prompts[{index}]: {out.error} (finish_reason abort)")
+                yield index, out
         except InvalidRequest as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(engine_error_field(err)))
         except EngineDead as err:
@@ -166,8 +185,9 @@ class GenerationServer:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + 4,
                                                             thread_name_prefix="grpc"),
                                  maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-                                 options=[("grpc.so_reuseport", 0)])   # a taken port is an error, not shared
-        self.service = GenerationService(self.loop, model_name, push_handler)
+                                 # so_reuseport 0: a taken port is an error, not shared
+                                 options=[("grpc.so_reuseport", 0)] + config.limits.grpc_options())
+        self.service = GenerationService(self.loop, model_name, push_handler, limits=config.limits)
         tandem_pb2_grpc.add_GenerationServicer_to_server(self.service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -240,7 +260,8 @@ def start_server(engine_config: EngineConfig, server_config: ServerConfig | None
     auth = PushAuth.from_sources(server_config.push_token_file)
     engine = LLMEngine(engine_config)
     server = GenerationServer(engine, server_config, model_name=engine_config.model,
-                              push_handler=WeightPushHandler.for_engine(engine, auth))
+                              push_handler=WeightPushHandler.for_engine(engine, auth, swap_timeout_s=server_config.swap_timeout_s,
+                                                                        limits=server_config.limits))
     server.start()
     return server
 

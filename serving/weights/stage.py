@@ -9,6 +9,11 @@ Every error is an InvalidRequest naming the header field or the tensor.
 
 A full push may carry a subset of the parameters (the others keep their values); whatever it carries
 is swapped in together or not at all. A tied matrix may be sent under either of its names.
+
+Bounded and clean by construction: every tensor must be a known parameter (or an adapter of one, its
+rank at most the matrix's smaller side) and each name comes once, and the elements staged in one push
+may not exceed twice the served model's (a LoRA pair of full rank); a quantization block may not exceed
+MAX_QUANT_BLOCK elements; values must be finite; versions must increase and stay below MAX_VERSION.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from protos.codec import Checksum, CodecError, TensorAssembler
 
 _LORA_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _NOT_LORA_TARGETS = ("embed", "wte", "wpe", "lm_head")
+MAX_QUANT_BLOCK = 1 << 16         # elements per int8/int4 block (the sender's default is 256)
+MAX_VERSION = (1 << 62) - 1       # weight versions are int64 on the wire; leave room to count on
 
 
 def lora_parts(name: str) -> tuple[str, str] | None:
@@ -68,8 +75,12 @@ class StagedUpdate:
 class WeightStage:
     """Receives one push stream message by message (`feed`), then hands back the update (`result`)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], current_version: int, conv1d: bool = False):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], current_version: int, conv1d: bool = False,
+                 max_origin_chars: int = 256):
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.max_origin_chars = max_origin_chars
+        self.max_staged = 2 * sum(math.prod(s) for s in self.shapes.values())   # elements one push may stage
+        self.staged = 0
         self.current_version = current_version
         self.conv1d = conv1d            # GPT-2: 2-D weights are Conv1D [in, out]
         self.update: StagedUpdate | None = None
@@ -115,6 +126,11 @@ class WeightStage:
         if header.version <= self.current_version:
             raise InvalidRequest("header.version", f"must be greater than the version in force "
                                                    f"({self.current_version}), got {header.version}")
+        if header.version > MAX_VERSION:
+            raise InvalidRequest("header.version", f"must be <= {MAX_VERSION}, got {header.version}")
+        if len(header.origin) > self.max_origin_chars:
+            raise InvalidRequest("header.origin", f"{len(header.origin)} characters exceed the limit "
+                                                  f"max_id_chars={self.max_origin_chars}")
         if header.num_tensors < 0:
             raise InvalidRequest("header.num_tensors", f"must be >= 0 (0: not declared), got {header.num_tensors}")
         if header.lora and (not math.isfinite(header.lora_scale) or header.lora_scale == 0):
@@ -131,6 +147,8 @@ class WeightStage:
             raise InvalidRequest(self._assembler.name, f"incomplete ({self._assembler.filled}/"
                                                        f"{self._assembler.numel} elements) when a chunk of "
                                                        f"{chunk.name!r} arrived; send each tensor's chunks in order")
+        if chunk.dtype in ("int8", "int4") and not 2 <= chunk.block_size <= MAX_QUANT_BLOCK:
+            raise InvalidRequest(f"{chunk.name}.block_size", f"must be in [2, {MAX_QUANT_BLOCK}], got {chunk.block_size}")
         try:
             done = self._assembler.add(chunk)
         except CodecError as exc:
@@ -156,6 +174,11 @@ class WeightStage:
                 raise InvalidRequest(name, f"shape {shape} does not match the served model's {expected}")
         if self.declared and len(self._names) >= self.declared:
             raise InvalidRequest(name, f"more tensors than the header declared ({self.declared})")
+        numel = math.prod(shape)
+        if self.staged + numel > self.max_staged:
+            raise InvalidRequest(name, f"staging it would hold {self.staged + numel} elements, more than twice the "
+                                       f"served model ({self.max_staged // 2})")
+        self.staged += numel
         self._names.add(name)
         return TensorAssembler(name, shape, chunk.dtype)
 
@@ -187,6 +210,9 @@ class WeightStage:
                 raise InvalidRequest(name, f"rank {rank} differs from its pair's rank {other_rank}")
 
     def _store(self, name: str, values: torch.Tensor) -> None:
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            raise InvalidRequest(name, f"carries {int((~finite).sum())} non-finite values (NaN or inf); nothing applied")
         self._checksum.update(name, values)
         self.update.num_tensors += 1
         if self.update.lora:

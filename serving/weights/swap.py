@@ -8,6 +8,14 @@ weights); then the held batches go in. So every completion is produced wholly by
 reports, and nothing is recomputed. The price is a pause for new requests as long as the longest
 request already running; requests in flight never see a change.
 
+The pause is bounded: an update that has waited `swap_timeout_s` for the engine to drain makes the loop
+finish every request still in the engine as "abort" (the client gets ABORTED saying the weight swap's
+deadline passed; nothing it received was produced by mixed weights), and the swap goes ahead. So new
+requests wait at most the timeout plus the swap itself.
+
+A failure while writing (out of memory, a device error) rolls back: the values of every parameter the
+update touches are copied before the first write and written back, and the version stays as it was.
+
 LoRA: served = base + scale * B @ A for every adapted matrix, where `base` is the value the matrix had
 before the first LoRA push touched it (snapshotted then, dropped when a full push replaces the matrix).
 Adapters are cumulative relative to that base, not increments: each LoRA push is the whole adapter
@@ -55,13 +63,13 @@ class WeightUpdater:
         started = time.perf_counter()
         if update.lora:
             writes, snapshots = self._lora_writes(update)
-            engine.runner.load_weights(writes)
+            self._write_or_roll_back([w[0] for w in writes], writes)
             for target in [t for t in self.lora_base if t not in update.deltas]:
                 del self.lora_base[target]              # back on its base: no longer adapted
             self.lora_base.update(snapshots)
         else:
             self._check_tied(update.tensors)
-            engine.runner.load_weights(update.tensors.items())
+            self._write_or_roll_back(list(update.tensors), list(update.tensors.items()))
             for name in update.tensors:
                 self.lora_base.pop(name, None)          # the pushed value is the new base
         engine.weight_version = update.version
@@ -71,6 +79,22 @@ class WeightUpdater:
         log.info("weights v%d in force (%s, %d tensors, %s) in %.3f s", update.version, engine.weight_origin,
                  update.num_tensors, "LoRA" if update.lora else "full", swap_s)
         return swap_s
+
+    def _current(self, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+        """CPU copies of the values in force for `names` (a TP runner gathers them from its ranks' shards)."""
+        full = getattr(self.engine.runner, "full_parameter", None)
+        table = self.engine.runner.model.parameter_table()
+        return [(n, (full(n) if full is not None else table[n].detach()).to("cpu", copy=True)) for n in names]
+
+    def _write_or_roll_back(self, names: list[str], writes: list[tuple[str, torch.Tensor]]) -> None:
+        """Write every tensor or, when a write fails part way, put back the values in force before it."""
+        before = self._current(names)
+        try:
+            self.engine.runner.load_weights(writes)
+        except BaseException as err:
+            log.error("writing weights failed (%s: %s): rolling back %d tensors", type(err).__name__, err, len(before))
+            self.engine.runner.load_weights(before)
+            raise
 
     def _check_tied(self, tensors: dict[str, torch.Tensor]) -> None:
         """A tied matrix pushed under both of its names must carry one value, or the result is ambiguous."""
@@ -105,11 +129,14 @@ class WeightSwapper:
     engine has no unfinished request, and returns True when it did (the loop then adds the held batches).
     """
 
-    def __init__(self, updater: WeightUpdater, policy: str = "drain"):
+    def __init__(self, updater: WeightUpdater, policy: str = "drain", swap_timeout_s: float = 30.0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not swap_timeout_s >= 0:
+            raise ValueError(f"swap_timeout_s must be >= 0, got {swap_timeout_s}")
         self.updater = updater
         self.policy = policy
+        self.swap_timeout_s = swap_timeout_s
         self._lock = threading.Lock()
         self._pending: list[tuple[StagedUpdate, Future, float]] = []
 
@@ -123,6 +150,19 @@ class WeightSwapper:
         with self._lock:
             self._pending.append((update, future, time.perf_counter()))
         return future
+
+    def overdue(self) -> str | None:
+        """Once the oldest pending update has waited longer than swap_timeout_s: why the requests still
+        running are ended (the loop finishes them as "abort"); else None."""
+        with self._lock:
+            if not self._pending:
+                return None
+            update, _, requested = self._pending[0]
+        waited = time.perf_counter() - requested
+        if waited < self.swap_timeout_s:
+            return None
+        return (f"aborted for the swap to weight version {update.version}: it waited {waited:.1f} s for running "
+                f"requests, the swap timeout is {self.swap_timeout_s:g} s")
 
     def withdraw(self, future: Future) -> bool:
         """Drop a request that has not been applied yet (the pusher went away); True if it was dropped."""

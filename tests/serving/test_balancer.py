@@ -64,9 +64,12 @@ def test_balancer_config_names_the_bad_field():
 
 
 @pytest.mark.slow
-def test_a_replica_killed_mid_run_the_remaining_requests_still_complete(replicas, tinystories_path):
+def test_a_replica_killed_mid_run_the_remaining_requests_still_complete(replicas, tinystories_path, tmp_path):
     procs, addresses = replicas
-    balancer = Balancer(BalancerConfig(backends=addresses, port=0, health_interval_s=0.2))
+    token_file = tmp_path / "push-token"
+    token_file.write_text(PUSH_TOKEN)
+    balancer = Balancer(BalancerConfig(backends=addresses, port=0, health_interval_s=0.2,
+                                       push_token_file=str(token_file)))
     balancer.start()
     try:
         wait_for_replicas(balancer, timeout_s=60)
