@@ -25,6 +25,7 @@ from serving.engine.sampler import Sampler
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from serving.engine.sequence import Sequence
+from serving.engine.top_logprobs import top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +153,12 @@ class LLMEngine:
         if not sampling:
             return []
         token_ids, logprobs = self.sampler(logits, sampling)
+        top = top_logprobs(logits, sampling)
         outputs = []
-        for seq, token_id, logprob in zip(sampling, token_ids, logprobs):
+        for i, (seq, token_id, logprob) in enumerate(zip(sampling, token_ids, logprobs)):
             seq.append_token(token_id, logprob)
+            if top is not None and seq.params.top_logprobs:
+                seq.output_top_logprobs.append(top[i][:seq.params.top_logprobs])
             self.tokens_generated += 1
             self._check_finish(seq, token_id)
             outputs.append(self._output(seq))
@@ -192,7 +196,9 @@ class LLMEngine:
                              new_token_ids=seq.output_token_ids[start:], new_logprobs=seq.output_logprobs[start:],
                              new_text=new_text, token_ids=list(seq.output_token_ids),
                              logprobs=list(seq.output_logprobs), text=text, finished=finished,
-                             finish_reason=seq.finish_reason, weight_version=self.weight_version)
+                             finish_reason=seq.finish_reason, weight_version=self.weight_version,
+                             new_top_logprobs=seq.output_top_logprobs[start:],
+                             top_logprobs=list(seq.output_top_logprobs))
 
     # ------------------------------------------------------------ status and offline use
 

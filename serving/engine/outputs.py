@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -24,6 +24,9 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None     # "stop" | "length" | None while running
     weight_version: int
+    # params.top_logprobs most likely (token id, raw logprob) pairs per generated token ([] when not asked)
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
