@@ -14,9 +14,9 @@ import logging
 import math
 
 import torch
-from tqdm import tqdm
 
 from common.errors import InvalidRequest
+from common.progress import progress as progress_bar
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
@@ -223,7 +223,7 @@ class LLMEngine:
             for rid, prompt, p in zip(ids, prompts, params_list):
                 self.add_request(rid, prompt, p)
             final: dict[str, RequestOutput] = {}
-            with tqdm(total=len(prompts), disable=not progress, desc="generate") as bar:
+            with progress_bar(total=len(prompts), disable=not progress, desc="generate") as bar:
                 while self.has_unfinished_requests():
                     for out in self.step():
                         if out.finished:
