@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from common.errors import ConfigError
+from common.progress import progress
 from learner import checkpoint, ds
 from learner.config import CommonConfig
 from learner.ds import all_sum, to_device
@@ -50,7 +50,7 @@ def train(engine, train_loader, loss_fn: LossFn, config: CommonConfig, metrics: 
     micro = step * ga  # micro-batches done: DeepSpeed's accumulation boundary is every ga of them, across epochs
     losses: list[float] = []
     window_loss, window_stats, window_start = [], {}, time.perf_counter()
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=ds.rank() != 0, dynamic_ncols=True)
+    bar = progress(total=steps, initial=step, desc=desc, disable=ds.rank() != 0, dynamic_ncols=True)
     engine.train()
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)

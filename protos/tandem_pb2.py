@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/tandem.proto\x12\ttandem.v1\"\x85\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x06 \x01(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x0c\n\x04stop\x18\t \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"J\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"t\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.tandem.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xb0\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x07 \x01(\x03\"R\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x15.tandem.v1.Completion\"\xc7\x01\n\rGenerateDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x07 \x01(\x03\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\"\x0f\n\rStatusRequest\"\xdf\x02\n\x0cServerStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0eweight_version\x18\x02 \x01(\x03\x12\x15\n\rweight_origin\x18\x03 \x01(\t\x12\x17\n\x0ftensor_parallel\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x14\n\x0ctoken_budget\x18\n \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x10\n\x08uptime_s\x18\r \x01(\x01\x12\x19\n\x11requests_finished\x18\x0e \x01(\x03\x12\x18\n\x10tokens_generated\x18\x0f \x01(\x03\x12\x15\n\rmax_model_len\x18\x10 \x01(\x05\"\x8f\x01\n\x0eRolloutRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.tandem.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1a\n\x12samples_per_prompt\x18\x03 \x01(\x05\x12\x12\n\nrollout_id\x18\x04 \x01(\t\"\xfd\x01\n\nExperience\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x14\n\x0cprompt_index\x18\x02 \x01(\x05\x12\x14\n\x0csample_index\x18\x03 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x05 \x03(\x05\x12\x1a\n\x12\x62\x65haviour_logprobs\x18\x06 \x03(\x02\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x08 \x01(\x03\x12\x15\n\rresponse_text\x18\t \x01(\t\"f\n\x0cWeightHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0c\n\x04lora\x18\x03 \x01(\x08\x12\x12\n\nlora_scale\x18\x04 \x01(\x02\x12\x13\n\x0bnum_tensors\x18\x05 \x01(\x05\" \n\x0cWeightCommit\x12\x10\n\x08\x63hecksum\x18\x01 \x01(\t\"\x89\x01\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06scales\x18\x06 \x01(\x0c\x12\x0e\n\x06offset\x18\x07 \x01(\x03\x12\x0c\n\x04last\x18\x08 \x01(\x08\"\x95\x01\n\x0bWeightChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tandem.v1.WeightHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.tandem.v1.TensorChunkH\x00\x12)\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x17.tandem.v1.WeightCommitH\x00\x42\x06\n\x04kind\"g\n\nPushResult\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x0f\n\x07tensors\x18\x03 \x01(\x05\x12\x0f\n\x07stage_s\x18\x04 \x01(\x01\x12\x0e\n\x06swap_s\x18\x05 \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe3\x02\n\nGeneration\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateDelta0\x01\x12>\n\tGetStatus\x12\x18.tandem.v1.StatusRequest\x1a\x17.tandem.v1.ServerStatus\x12\x46\n\x10StreamExperience\x12\x19.tandem.v1.RolloutRequest\x1a\x15.tandem.v1.Experience0\x01\x12>\n\x0bPushWeights\x12\x16.tandem.v1.WeightChunk\x1a\x15.tandem.v1.PushResult(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/tandem.proto\x12\ttandem.v1\"\xb8\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x06 \x01(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x0c\n\x04stop\x18\t \x03(\t\x12\t\n\x01n\x18\n \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x10\n\x08priority\x18\x0c \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"J\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"t\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.tandem.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xf4\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x07 \x01(\x03\x12\x14\n\x0csample_index\x18\x08 \x01(\x05\x12,\n\x0ctop_logprobs\x18\t \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\"R\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x15.tandem.v1.Completion\"\x8b\x02\n\rGenerateDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x07 \x01(\x03\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\x12\x14\n\x0csample_index\x18\t \x01(\x05\x12,\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x16.tandem.v1.TopLogprobs\"\x0f\n\rStatusRequest\"\xdf\x02\n\x0cServerStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0eweight_version\x18\x02 \x01(\x03\x12\x15\n\rweight_origin\x18\x03 \x01(\t\x12\x17\n\x0ftensor_parallel\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x14\n\x0ctoken_budget\x18\n \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x10\n\x08uptime_s\x18\r \x01(\x01\x12\x19\n\x11requests_finished\x18\x0e \x01(\x03\x12\x18\n\x10tokens_generated\x18\x0f \x01(\x03\x12\x15\n\rmax_model_len\x18\x10 \x01(\x05\"\x8f\x01\n\x0eRolloutRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.tandem.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1a\n\x12samples_per_prompt\x18\x03 \x01(\x05\x12\x12\n\nrollout_id\x18\x04 \x01(\t\"\xfd\x01\n\nExperience\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x14\n\x0cprompt_index\x18\x02 \x01(\x05\x12\x14\n\x0csample_index\x18\x03 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x05 \x03(\x05\x12\x1a\n\x12\x62\x65haviour_logprobs\x18\x06 \x03(\x02\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x08 \x01(\x03\x12\x15\n\rresponse_text\x18\t \x01(\t\"f\n\x0cWeightHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0c\n\x04lora\x18\x03 \x01(\x08\x12\x12\n\nlora_scale\x18\x04 \x01(\x02\x12\x13\n\x0bnum_tensors\x18\x05 \x01(\x05\" \n\x0cWeightCommit\x12\x10\n\x08\x63hecksum\x18\x01 \x01(\t\"\x89\x01\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06scales\x18\x06 \x01(\x0c\x12\x0e\n\x06offset\x18\x07 \x01(\x03\x12\x0c\n\x04last\x18\x08 \x01(\x08\"\x95\x01\n\x0bWeightChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tandem.v1.WeightHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.tandem.v1.TensorChunkH\x00\x12)\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x17.tandem.v1.WeightCommitH\x00\x42\x06\n\x04kind\"g\n\nPushResult\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x0f\n\x07tensors\x18\x03 \x01(\x05\x12\x0f\n\x07stage_s\x18\x04 \x01(\x01\x12\x0e\n\x06swap_s\x18\x05 \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe3\x02\n\nGeneration\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateDelta0\x01\x12>\n\tGetStatus\x12\x18.tandem.v1.StatusRequest\x1a\x17.tandem.v1.ServerStatus\x12\x46\n\x10StreamExperience\x12\x19.tandem.v1.RolloutRequest\x1a\x15.tandem.v1.Experience0\x01\x12>\n\x0bPushWeights\x12\x16.tandem.v1.WeightChunk\x1a\x15.tandem.v1.PushResult(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.tandem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2290
-  _globals['_FINISHREASON']._serialized_end=2410
+  _globals['_FINISHREASON']._serialized_start=2529
+  _globals['_FINISHREASON']._serialized_end=2649
   _globals['_SAMPLINGPARAMS']._serialized_start=35
-  _globals['_SAMPLINGPARAMS']._serialized_end=296
-  _globals['_PROMPT']._serialized_start=298
-  _globals['_PROMPT']._serialized_end=372
-  _globals['_TOKENIDS']._serialized_start=374
-  _globals['_TOKENIDS']._serialized_end=397
-  _globals['_GENERATEREQUEST']._serialized_start=399
-  _globals['_GENERATEREQUEST']._serialized_end=515
-  _globals['_COMPLETION']._serialized_start=518
-  _globals['_COMPLETION']._serialized_end=694
-  _globals['_GENERATERESPONSE']._serialized_start=696
-  _globals['_GENERATERESPONSE']._serialized_end=778
-  _globals['_GENERATEDELTA']._serialized_start=781
-  _globals['_GENERATEDELTA']._serialized_end=980
-  _globals['_STATUSREQUEST']._serialized_start=982
-  _globals['_STATUSREQUEST']._serialized_end=997
-  _globals['_SERVERSTATUS']._serialized_start=1000
-  _globals['_SERVERSTATUS']._serialized_end=1351
-  _globals['_ROLLOUTREQUEST']._serialized_start=1354
-  _globals['_ROLLOUTREQUEST']._serialized_end=1497
-  _globals['_EXPERIENCE']._serialized_start=1500
-  _globals['_EXPERIENCE']._serialized_end=1753
-  _globals['_WEIGHTHEADER']._serialized_start=1755
-  _globals['_WEIGHTHEADER']._serialized_end=1857
-  _globals['_WEIGHTCOMMIT']._serialized_start=1859
-  _globals['_WEIGHTCOMMIT']._serialized_end=1891
-  _globals['_TENSORCHUNK']._serialized_start=1894
-  _globals['_TENSORCHUNK']._serialized_end=2031
-  _globals['_WEIGHTCHUNK']._serialized_start=2034
-  _globals['_WEIGHTCHUNK']._serialized_end=2183
-  _globals['_PUSHRESULT']._serialized_start=2185
-  _globals['_PUSHRESULT']._serialized_end=2288
-  _globals['_GENERATION']._serialized_start=2413
-  _globals['_GENERATION']._serialized_end=2768
+  _globals['_SAMPLINGPARAMS']._serialized_end=347
+  _globals['_TOPLOGPROBS']._serialized_start=349
+  _globals['_TOPLOGPROBS']._serialized_end=399
+  _globals['_PROMPT']._serialized_start=401
+  _globals['_PROMPT']._serialized_end=475
+  _globals['_TOKENIDS']._serialized_start=477
+  _globals['_TOKENIDS']._serialized_end=500
+  _globals['_GENERATEREQUEST']._serialized_start=502
+  _globals['_GENERATEREQUEST']._serialized_end=618
+  _globals['_COMPLETION']._serialized_start=621
+  _globals['_COMPLETION']._serialized_end=865
+  _globals['_GENERATERESPONSE']._serialized_start=867
+  _globals['_GENERATERESPONSE']._serialized_end=949
+  _globals['_GENERATEDELTA']._serialized_start=952
+  _globals['_GENERATEDELTA']._serialized_end=1219
+  _globals['_STATUSREQUEST']._serialized_start=1221
+  _globals['_STATUSREQUEST']._serialized_end=1236
+  _globals['_SERVERSTATUS']._serialized_start=1239
+  _globals['_SERVERSTATUS']._serialized_end=1590
+  _globals['_ROLLOUTREQUEST']._serialized_start=1593
+  _globals['_ROLLOUTREQUEST']._serialized_end=1736
+  _globals['_EXPERIENCE']._serialized_start=1739
+  _globals['_EXPERIENCE']._serialized_end=1992
+  _globals['_WEIGHTHEADER']._serialized_start=1994
+  _globals['_WEIGHTHEADER']._serialized_end=2096
+  _globals['_WEIGHTCOMMIT']._serialized_start=2098
+  _globals['_WEIGHTCOMMIT']._serialized_end=2130
+  _globals['_TENSORCHUNK']._serialized_start=2133
+  _globals['_TENSORCHUNK']._serialized_end=2270
+  _globals['_WEIGHTCHUNK']._serialized_start=2273
+  _globals['_WEIGHTCHUNK']._serialized_end=2422
+  _globals['_PUSHRESULT']._serialized_start=2424
+  _globals['_PUSHRESULT']._serialized_end=2527
+  _globals['_GENERATION']._serialized_start=2652
+  _globals['_GENERATION']._serialized_end=3007
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,7 @@ OPTIONS = {
     "port": "--port", "grace_s": "--grace-period", "max_concurrent_rpcs": "--max-concurrent-rpcs",
     "push_token_file": "--push-token-file", "tp": "--tp", "replicas": "--replicas",
     "swap_timeout_s": "--swap-timeout", **limits.OPTIONS,
+    "http_port": "--http-port", "api_key_file": "--api-key-file", "metrics_port": "--metrics-port",
 }
 
 DESCRIPTION = ("Load a local HF checkpoint and serve Generate/GenerateStream over gRPC. --port 0 picks a "
@@ -50,6 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a weight swap waits at most S s for running requests, then ends them as aborted "
                         "(ABORTED) and swaps; new requests wait at most this long (default: %(default)s)")
     limits.add_arguments(p)
+    p.add_argument("--http-port", type=int, default=None, metavar="P",
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health, /metrics) on this port; 0 picks a free one (default: off)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="the HTTP front's API key: /v1/* then needs `Authorization: Bearer KEY`")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="a Prometheus /metrics endpoint of its own (the HTTP front serves /metrics too)")
 
 
 def engine_argv(engine: EngineConfig) -> list[str]:
@@ -81,7 +89,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     server_config = ServerConfig(host=args.host, port=args.port, grace_s=args.grace_period,
                                  max_concurrent_rpcs=args.max_concurrent_rpcs,
                                  push_token_file=args.push_token_file, swap_timeout_s=args.swap_timeout,
-                                 limits=limits.from_args(args))
+                                 limits=limits.from_args(args), http_port=args.http_port,
+                                 api_key_file=args.api_key_file, metrics_port=args.metrics_port)
     try:
         config.validate()
         server_config.validate()
@@ -93,6 +102,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ConfigError("tp", f"must be >= 1, got {args.tp}")
         if args.replicas < 1:
             raise ConfigError("replicas", f"must be >= 1, got {args.replicas}")
+        if (args.replicas > 1 or args.tp > 1) and (args.http_port is not None or args.metrics_port is not None):
+            raise ConfigError("http_port" if args.http_port is not None else "metrics_port",
+                              "the HTTP front and /metrics need --tp 1 --replicas 1 (for now)")
         if args.replicas > 1:
             from serving.fleet.replicas import serve_replicas
 
@@ -108,6 +120,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _print_ready(server) -> None:
+    if getattr(server, "http", None) is not None:
+        print(f"openai-compatible http on http://{server.http.address}/v1", flush=True)
+    if getattr(server, "metrics_port", 0):
+        print(f"metrics on http://{server.config.host}:{server.metrics_port}/metrics", flush=True)
     print(f"serving {server.service.model_name} on {server.address}", flush=True)
 
 

@@ -155,3 +155,17 @@ def test_sigterm_finishes_in_flight_streams_then_exits_0(served):
     assert rest[-1].finish_reason == "length"
     assert served.proc.wait(timeout=30) == 0, "".join(served.stderr)
     assert "shutting down" in "".join(served.stderr)
+
+
+def test_progress_is_one_plain_line_per_interval_when_piped():
+    """Off a terminal (a `tandem up > log`), progress writes whole lines and no carriage returns."""
+    import io
+
+    from common.progress import progress
+
+    log = io.StringIO()
+    for _ in progress(range(1000), desc="piped", file=log):
+        pass
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert len(lines) <= 3 and lines[-1].startswith("piped: 100%") and "1000/1000" in lines[-1]

@@ -74,10 +74,14 @@ class UpConfig:
         return self
 
 
-def start_server(model: str, run_dir: Path, token_file: Path, threads: int, timeout: float) -> ServiceProcess:
+def start_server(model: str, run_dir: Path, token_file: Path, threads: int, timeout: float,
+                 http_port: int | None = None) -> ServiceProcess:
+    """The server child; with `http_port`, its OpenAI-compatible HTTP front (and /metrics) on that port too."""
     env = child_env(OMP_NUM_THREADS=str(threads), TANDEM_PUSH_TOKEN="")
+    http = ["--http-port", str(http_port)] if http_port is not None else []
     return launch.start_server(["--model", model, "--port", "0", "--push-token-file", str(token_file),
-                                "--grace-period", "5"], env=env, log_file=run_dir / "server.log", timeout_s=timeout)
+                                "--grace-period", "5", *http], env=env, log_file=run_dir / "server.log",
+                               timeout_s=timeout)
 
 
 def learner_command(spec_file: Path, ranks: int) -> list[str]:
@@ -108,9 +112,13 @@ def run_up(config: UpConfig) -> dict:
     server = learner = None
     try:
         t = time.perf_counter()
-        server = start_server(model, run_dir, token_file, config.server_threads, config.start_timeout_s)
+        http_port = free_port()
+        server = start_server(model, run_dir, token_file, config.server_threads, config.start_timeout_s, http_port)
         times["server_start_s"] = time.perf_counter() - t
+        host = server.address.rsplit(":", 1)[0]
         print(f"tandem up: serving {model} on {server.address} (log: {run_dir / 'server.log'})", flush=True)
+        print(f"tandem up: OpenAI-compatible API on http://{host}:{http_port}/v1, metrics on "
+              f"http://{host}:{http_port}/metrics", flush=True)
         spec = {"run_dir": str(run_dir), "server": server.address, "token_file": str(token_file), "model": model,
                 "seed": config.seed, "data": config.data, "iterations": config.iterations,
                 "max_staleness": config.max_staleness, "encoding": PUSH_ENCODINGS[config.push_quantize],

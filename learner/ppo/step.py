@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm import tqdm
-
 from common.errors import ConfigError
+from common.progress import progress
 from learner import checkpoint, ds
 from learner.config import PPOConfig
 from learner.data import CausalLMCollator, PromptDataset, TextDataset
@@ -134,7 +133,7 @@ def _iterations(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, promp
             result["gold_before"] = gold.evaluate(models.actor)
             metrics.log(start, gold_eval=result["gold_before"])
             log.info("ppo: gold score of greedy responses before PPO: %.2f", result["gold_before"])
-        bar = tqdm(range(start, config.iterations), desc="ppo", disable=ds.rank() != 0, dynamic_ncols=True)
+        bar = progress(range(start, config.iterations), desc="ppo", disable=ds.rank() != 0, dynamic_ncols=True)
         for iteration in bar:
             began = time.perf_counter()
             batch = prompts.next_batch()

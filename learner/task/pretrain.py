@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from common.progress import progress
 from learner.task.demos import Demonstrator
 from learner.task.tokenizer import save_tokenizer
 from learner.task.world import COLORS, OPPOSITES, SOUNDS, all_questions
@@ -98,7 +98,7 @@ def _pretrain(out_dir: Path, seed: int) -> Path:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=STEPS, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    bar = tqdm(range(STEPS), desc="pre-training the embedded model", unit="step")
+    bar = progress(range(STEPS), desc="pre-training the embedded model", unit="step")
     for step in bar:
         batch = data[torch.randint(len(data), (BATCH,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss

@@ -14,9 +14,9 @@ import logging
 import math
 
 import torch
-from tqdm import tqdm
 
 from common.errors import InvalidRequest
+from common.progress import progress as progress_bar
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
@@ -26,6 +26,7 @@ from serving.engine.sampler import Sampler
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from serving.engine.sequence import Sequence
+from serving.engine.top_logprobs import top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class LLMEngine:
         if not sampling:
             return []
         token_ids, logprobs, failed = sample_isolated(self.sampler, logits, sampling)
+        top = top_logprobs(logits, sampling)
         outputs = []
         for i, (seq, token_id, logprob) in enumerate(zip(sampling, token_ids, logprobs)):
             if i in failed:                          # this request's numbers, not the engine: end it alone
@@ -161,6 +163,8 @@ class LLMEngine:
                 continue
             try:
                 seq.append_token(token_id, logprob)
+                if top is not None and seq.params.top_logprobs:
+                    seq.output_top_logprobs.append(top[i][:seq.params.top_logprobs])
                 self.tokens_generated += 1
                 self._check_finish(seq, token_id)
                 out = self._output(seq)
@@ -223,7 +227,9 @@ class LLMEngine:
                              new_token_ids=seq.output_token_ids[start:], new_logprobs=seq.output_logprobs[start:],
                              new_text=new_text, token_ids=list(seq.output_token_ids),
                              logprobs=list(seq.output_logprobs), text=text, finished=finished,
-                             finish_reason=seq.finish_reason, weight_version=self.weight_version)
+                             finish_reason=seq.finish_reason, weight_version=self.weight_version,
+                             new_top_logprobs=seq.output_top_logprobs[start:],
+                             top_logprobs=list(seq.output_top_logprobs))
 
     # ------------------------------------------------------------ status and offline use
 
@@ -248,7 +254,7 @@ class LLMEngine:
             for rid, prompt, p in zip(ids, prompts, params_list):
                 self.add_request(rid, prompt, p)
             final: dict[str, RequestOutput] = {}
-            with tqdm(total=len(prompts), disable=not progress, desc="generate") as bar:
+            with progress_bar(total=len(prompts), disable=not progress, desc="generate") as bar:
                 while self.has_unfinished_requests():
                     for out in self.step():
                         if out.finished:

@@ -15,12 +15,17 @@ the loop then finishes every request still in the engine as "abort" with that me
 A slow reader costs bounded memory: a RequestStream keeps at most one unread output per prompt, merging
 the newer output into the unread one (deltas concatenated, totals from the newer), so however far behind
 its client is, a stream holds one entry per prompt and the engine never waits for it.
+
+An optional `observer` (serving.metrics.EngineMetrics fits) is told, on the engine thread, of every
+request added (`on_added(request_id, arrival)`), every step (`on_step(engine, outputs, started)`) and every
+abort (`on_aborted(request_id)`); it must be quick and must not raise.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -56,6 +61,7 @@ class RequestStream:
         self.request_ids = list(request_ids)
         self.cancelled = False
         self.finished = False
+        self.arrival = time.monotonic()       # queue and latency figures count from here
         self._loop: EngineLoop | None = None
         self._ready = threading.Condition()
         self._order: deque = deque()                   # prompt indices with an unread output, errors, _CANCELLED
@@ -121,8 +127,9 @@ class RequestStream:
 class EngineLoop:
     """Owns an LLMEngine on a background thread; every public method is thread-safe."""
 
-    def __init__(self, engine, on_death: Callable[[BaseException], None] | None = None, gate=None):
+    def __init__(self, engine, on_death: Callable[[BaseException], None] | None = None, gate=None, observer=None):
         self.engine = engine
+        self.observer = observer
         self.error: BaseException | None = None
         self._on_death = on_death
         self._gate = gate
@@ -142,10 +149,12 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping and self.error is None
 
-    def submit(self, stream: RequestStream, prompts: Sequence[str | list[int]], params: SamplingParams) -> None:
-        """Queue one batch (prompt i becomes engine request `stream.request_ids[i]`). The batch is added
-        all or nothing; an engine-side InvalidRequest arrives through the stream."""
-        self._command(("add", stream, list(prompts), params))
+    def submit(self, stream: RequestStream, prompts: Sequence[str | list[int]],
+               params: SamplingParams | Sequence[SamplingParams]) -> None:
+        """Queue one batch (prompt i becomes engine request `stream.request_ids[i]`, sampled with `params`
+        or `params[i]`). The batch is added all or nothing; an engine-side InvalidRequest arrives through
+        the stream."""
+        self._command(("add", stream, list(prompts), params if isinstance(params, SamplingParams) else list(params)))
 
     def abort(self, request_ids: Sequence[str], owner: RequestStream | None = None) -> None:
         """Abort requests that are still running; unknown or finished ids are ignored. With `owner`, only
@@ -195,7 +204,11 @@ class EngineLoop:
                 if stopping:
                     break
                 if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    started = time.monotonic()
+                    outputs = self.engine.step()
+                    if self.observer is not None:
+                        self.observer.on_step(self.engine, outputs, started)
+                    self._dispatch(outputs)
                 self._pass_gate()
                 busy = self.engine.has_unfinished_requests()
         except BaseException as err:  # noqa: BLE001 - any crash must reach every waiting client
@@ -231,6 +244,8 @@ class EngineLoop:
                 if entry is not None and (owner is None or entry[0] is owner):
                     del self._streams[request_id]
                     self.engine.abort_request(request_id)
+                    if self.observer is not None:
+                        self.observer.on_aborted(request_id)
         elif kind == "call":
             fn, future = command[1], command[2]
             if future.set_running_or_notify_cancel():
@@ -239,7 +254,7 @@ class EngineLoop:
                 except Exception as err:  # noqa: BLE001 - the caller gets it
                     future.set_exception(err)
 
-    def _add(self, stream: RequestStream, prompts: list, params: SamplingParams) -> None:
+    def _add(self, stream: RequestStream, prompts: list, params) -> None:
         if stream.cancelled:
             return
         added: list[str] = []
@@ -247,7 +262,7 @@ class EngineLoop:
             try:
                 if request_id in self._streams:
                     raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params[index] if isinstance(params, list) else params)
             except InvalidRequest as err:
                 for done in added:       # nothing has stepped since: as if never added
                     self._streams.pop(done, None)
@@ -256,6 +271,9 @@ class EngineLoop:
                 return
             added.append(request_id)
             self._streams[request_id] = (stream, index)
+        if self.observer is not None:
+            for request_id in added:
+                self.observer.on_added(request_id, stream.arrival)
         stream._loop = self
         if stream.cancelled:             # cancelled while being added: abort() may have missed it
             self._apply(("abort", added, stream))

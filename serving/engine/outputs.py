@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -31,7 +31,11 @@ class RequestOutput:
         """This output merged with an `earlier` one nobody has read yet: the deltas of both, the totals of this."""
         return dataclasses.replace(self, new_token_ids=earlier.new_token_ids + self.new_token_ids,
                                    new_logprobs=earlier.new_logprobs + self.new_logprobs,
-                                   new_text=earlier.new_text + self.new_text)
+                                   new_text=earlier.new_text + self.new_text,
+                                   new_top_logprobs=earlier.new_top_logprobs + self.new_top_logprobs)
+    # params.top_logprobs most likely (token id, raw logprob) pairs per generated token ([] when not asked)
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass

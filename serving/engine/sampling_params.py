@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from common.errors import InvalidRequest
 
 # Temperatures below this sample greedily: logits / 1e-5 stays finite in fp32 for any logit below 3e33, while
 # smaller temperatures (1e-40 is a float32 denormal) overflow the division and leave softmax with NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -25,6 +26,8 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)   # multi-token stop strings (text cut before them)
+    top_logprobs: int = 0             # also report this many most likely tokens per position (0..20)
+    priority: int = 0                 # admission order: lower first, FCFS among equals
 
     @property
     def greedy(self) -> bool:
@@ -53,7 +56,21 @@ class SamplingParams:
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise InvalidRequest("stop", f"stop strings must be non-empty strings, got {text!r}")
+        _int_at_least("top_logprobs", self.top_logprobs, 0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidRequest("top_logprobs", f"must be <= {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise InvalidRequest("priority", f"must be an integer, got {self.priority!r}")
         return self
+
+
+def per_sample(params: SamplingParams, n: int, num_prompts: int) -> SamplingParams | list[SamplingParams]:
+    """Params of n samples of each of `num_prompts` prompts (engine order: prompt-major). With a seed, sample
+    j is seeded with seed + j, so the n completions differ yet replay exactly; else one shared object."""
+    if n == 1 or params.seed is None:
+        return params
+    samples = [replace(params, seed=(params.seed + j) % (1 << 63)) for j in range(n)]
+    return [samples[j] for _ in range(num_prompts) for j in range(n)]
 
 
 def _int_at_least(name: str, value, low: int) -> None:

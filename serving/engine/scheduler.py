@@ -75,8 +75,16 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queue by priority (lower first), FCFS among equals: behind every waiting one of equal or lower value."""
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        priority = seq.params.priority
+        if not self.waiting or self.waiting[-1].params.priority <= priority:
+            self.waiting.append(seq)
+            return
+        for i, other in enumerate(self.waiting):
+            if other.params.priority > priority:
+                self.waiting.insert(i, seq)
+                return
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -31,6 +31,7 @@ class Sequence:
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float] = []
+        self.output_top_logprobs: list[list[tuple[int, float]]] = []   # per token, when params.top_logprobs
         self.params = params
         self.generator = generator
         self.status = SequenceStatus.WAITING

@@ -15,12 +15,13 @@ from common.errors import InvalidRequest
 from protos import tandem_pb2
 from protos.names import FINISH_TO_PROTO
 from serving.engine.outputs import EngineStats, RequestOutput
-from serving.engine.sampling_params import SamplingParams
+from serving.engine.sampling_params import SamplingParams, per_sample
 
 Prompt = str | list[int]
 
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _OPTIONAL_PARAMS = ("temperature", "top_p", "seed", "max_new_tokens")
+MAX_N = 64   # completions per prompt
 
 
 @dataclass
@@ -30,10 +31,26 @@ class ValidRequest:
     request_id: str
     prompts: list[Prompt]           # token ids (text prompts are tokenized here, so lengths are exact)
     params: SamplingParams
+    n: int = 1                      # completions per prompt
 
     def engine_ids(self) -> list[str]:
-        """One engine request per prompt: `{request_id}-{index}`."""
-        return [f"{self.request_id}-{i}" for i in range(len(self.prompts))]
+        """One engine request per prompt and sample: `{request_id}-{index}` (`-{index}.{sample}` when n > 1)."""
+        if self.n == 1:
+            return [f"{self.request_id}-{i}" for i in range(len(self.prompts))]
+        return [f"{self.request_id}-{i}.{j}" for i in range(len(self.prompts)) for j in range(self.n)]
+
+    def engine_prompts(self) -> list[Prompt]:
+        """The prompts in engine-request order: each one n times in a row."""
+        return [p for p in self.prompts for _ in range(self.n)]
+
+    def engine_params(self) -> SamplingParams | list[SamplingParams]:
+        """One SamplingParams for all, or, when n > 1 with a seed, sample j seeded with seed + j (so the n
+        completions differ yet replay exactly)."""
+        return per_sample(self.params, self.n, len(self.prompts))
+
+    def position(self, engine_index: int) -> tuple[int, int]:
+        """Engine-request index -> (prompt index, sample index)."""
+        return divmod(engine_index, self.n)
 
 
 def params_from_proto(msg: tandem_pb2.SamplingParams, vocab_size: int) -> SamplingParams:
@@ -44,6 +61,8 @@ def params_from_proto(msg: tandem_pb2.SamplingParams, vocab_size: int) -> Sampli
         "ignore_eos": msg.ignore_eos,
         "stop_token_ids": list(msg.stop_token_ids),
         "stop": list(msg.stop),
+        "top_logprobs": msg.top_logprobs,
+        "priority": msg.priority,
     }
     for name in _OPTIONAL_PARAMS:
         if msg.HasField(name):
@@ -100,9 +119,12 @@ def request_from_proto(msg: tandem_pb2.GenerateRequest, encode: Callable[[str], 
     if not msg.prompts:
         raise InvalidRequest("prompts", "at least one prompt is required")
     params = params_from_proto(msg.params, vocab_size)
+    n = msg.params.n or 1
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequest("params.n", f"must be in [1, {MAX_N}], got {n}")
     prompts = [prompt_from_proto(i, p, encode, vocab_size, max_model_len) for i, p in enumerate(msg.prompts)]
     request_id = msg.request_id or uuid.uuid4().hex
-    return ValidRequest(request_id=request_id, prompts=prompts, params=params)
+    return ValidRequest(request_id=request_id, prompts=prompts, params=params, n=n)
 
 
 def engine_error_field(err: InvalidRequest) -> InvalidRequest:
@@ -117,19 +139,26 @@ def engine_error_field(err: InvalidRequest) -> InvalidRequest:
     return InvalidRequest(f"prompts[{index}]", err.message)
 
 
-def completion_to_proto(index: int, out: RequestOutput) -> tandem_pb2.Completion:
+def top_logprobs_to_proto(top: list[list[tuple[int, float]]]) -> list[tandem_pb2.TopLogprobs]:
+    return [tandem_pb2.TopLogprobs(token_ids=[t for t, _ in pairs], logprobs=[lp for _, lp in pairs]) for pairs in top]
+
+
+def completion_to_proto(index: int, out: RequestOutput, sample_index: int = 0) -> tandem_pb2.Completion:
     return tandem_pb2.Completion(
         index=index, text=out.text, prompt_token_ids=out.prompt_token_ids, token_ids=out.token_ids,
         logprobs=out.logprobs, finish_reason=FINISH_TO_PROTO[out.finish_reason],
-        weight_version=out.weight_version)
+        weight_version=out.weight_version, sample_index=sample_index,
+        top_logprobs=top_logprobs_to_proto(out.top_logprobs))
 
 
-def delta_to_proto(request_id: str, index: int, out: RequestOutput, first: bool) -> tandem_pb2.GenerateDelta:
+def delta_to_proto(request_id: str, index: int, out: RequestOutput, first: bool,
+                   sample_index: int = 0) -> tandem_pb2.GenerateDelta:
     """What is new in `out` since the previous delta of this index (prompt ids only on the first)."""
     return tandem_pb2.GenerateDelta(
         request_id=request_id, index=index, text=out.new_text, token_ids=out.new_token_ids,
         logprobs=out.new_logprobs, finish_reason=FINISH_TO_PROTO[out.finish_reason if out.finished else None],
-        weight_version=out.weight_version, prompt_token_ids=out.prompt_token_ids if first else ())
+        weight_version=out.weight_version, prompt_token_ids=out.prompt_token_ids if first else (),
+        sample_index=sample_index, top_logprobs=top_logprobs_to_proto(out.new_top_logprobs))
 
 
 def status_to_proto(stats: EngineStats, *, model: str, weight_version: int, weight_origin: str,

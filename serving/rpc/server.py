@@ -16,15 +16,18 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from common.errors import ConfigError, InvalidRequest
 from protos import tandem_pb2, tandem_pb2_grpc
 from protos.names import SERVICE_NAME
 from serving.engine.config import EngineConfig
 from serving.engine.loop import EngineDead, EngineLoop, RequestStream
+from serving.metrics import EngineMetrics
 from serving.rpc.convert import (
     ValidRequest,
     completion_to_proto,
@@ -38,6 +41,9 @@ from serving.rpc.limits import Admission, RequestLimits, ServerFull
 
 log = logging.getLogger(__name__)
 
+# what a reflection client (grpcurl, grpcui) can list and call without the .proto file
+REFLECTED_SERVICES = (tandem_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+                      health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
 
 
 @dataclass
@@ -49,6 +55,9 @@ class ServerConfig:
     push_token_file: str | None = None  # PushWeights credential (else $TANDEM_PUSH_TOKEN; else pushes refused)
     swap_timeout_s: float = 30.0      # a weight swap waits this long for running requests, then aborts them
     limits: RequestLimits = field(default_factory=RequestLimits)
+    http_port: int | None = None      # the OpenAI-compatible HTTP front (serving.http): None = off, 0 = a free port
+    api_key_file: str | None = None   # the HTTP front's API key (Authorization: Bearer KEY); None = open
+    metrics_port: int | None = None   # a standalone Prometheus /metrics when the HTTP front is off (0: a free port)
 
     def validate(self) -> ServerConfig:
         if not self.host:
@@ -62,7 +71,17 @@ class ServerConfig:
         if not self.swap_timeout_s >= 0:
             raise ConfigError("swap_timeout_s", f"must be >= 0, got {self.swap_timeout_s}")
         self.limits.validate()
+        if self.metrics_port is not None and not 0 <= int(self.metrics_port) <= 65535:
+            raise ConfigError("metrics_port", f"must be in [0, 65535], got {self.metrics_port}")
+        if self.http_port is not None or self.api_key_file is not None:
+            self.http_config().validate()
         return self
+
+    def http_config(self):
+        from serving.http.server import HttpConfig
+
+        return HttpConfig(host=self.host, port=self.http_port or 0, api_key_file=self.api_key_file,
+                          max_inflight=self.max_concurrent_rpcs)
 
 
 class GenerationService(tandem_pb2_grpc.GenerationServicer):
@@ -70,12 +89,14 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
     (serving.rpc.push_service.WeightPushHandler) when one is given; StreamExperience to
     serving.rpc.experience.ExperienceHandler."""
 
-    def __init__(self, loop: EngineLoop, model_name: str, push_handler=None, limits: RequestLimits | None = None):
+    def __init__(self, loop: EngineLoop, model_name: str, push_handler=None, limits: RequestLimits | None = None,
+                 metrics=None):
         self.loop = loop
         self.limits = (limits or RequestLimits()).validate()
         self.admission = Admission(self.limits.max_pending)
         self.model_name = model_name
         self.push_handler = push_handler
+        self.metrics = metrics
         self.started_at = time.monotonic()
         engine = loop.engine
         self._encode_text: Callable[[str], list[int]] = getattr(engine, "encode", None) or engine.tokenizer.encode
@@ -87,10 +108,11 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
 
     def Generate(self, request, context):
         valid, stream = self._start(request, context)
-        completions: list = [None] * len(valid.prompts)
+        completions: list = [None] * len(stream.request_ids)
         for index, out in self._outputs(stream, context):
             if out.finished:
-                completions[index] = completion_to_proto(index, out)
+                prompt_index, sample_index = valid.position(index)
+                completions[index] = completion_to_proto(prompt_index, out, sample_index)
         if stream.cancelled:
             return tandem_pb2.GenerateResponse()   # the client is gone; nobody reads this
         return tandem_pb2.GenerateResponse(request_id=valid.request_id, completions=completions)
@@ -101,7 +123,9 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
         for index, out in self._outputs(stream, context):
             if not out.new_token_ids and not out.new_text and not out.finished:
                 continue
-            yield delta_to_proto(valid.request_id, index, out, first=index not in started)
+            prompt_index, sample_index = valid.position(index)
+            yield delta_to_proto(valid.request_id, prompt_index, out, first=index not in started,
+                                 sample_index=sample_index)
             started.add(index)
 
     def GetStatus(self, request, context):
@@ -122,7 +146,16 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
     def PushWeights(self, request_iterator, context):
         if self.push_handler is None:
             return super().PushWeights(request_iterator, context)   # UNIMPLEMENTED
-        return self.push_handler.push_weights(request_iterator, context, self.loop)
+        if self.metrics is None:
+            return self.push_handler.push_weights(request_iterator, context, self.loop)
+        try:
+            result = self.push_handler.push_weights(request_iterator, context, self.loop)
+        except BaseException:
+            code = context.code() if hasattr(context, "code") else None
+            self.metrics.push_refused(code.name.lower() if code is not None else "error")
+            raise
+        self.metrics.push_accepted(result.swap_s)
+        return result
 
     # ---------------------------------------------------------------- helpers
 
@@ -146,7 +179,7 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
         if not context.add_callback(stream.cancel):    # fires on cancel, deadline and normal end
             stream.cancel()
         try:
-            self.loop.submit(stream, valid.prompts, valid.params)
+            self.loop.submit(stream, valid.engine_prompts(), valid.engine_params())
         except EngineDead as err:
             self._abort_dead(context, err)
         return valid, stream
@@ -179,7 +212,11 @@ class GenerationServer:
         self.config = config.validate()
         self.port = 0
         gate = getattr(push_handler, "swapper", None)
-        self.loop = EngineLoop(engine, on_death=self._on_engine_death, gate=gate)
+        self.metrics = EngineMetrics(Path(model_name).name or model_name)   # labelled as the HTTP front names it
+        self.loop = EngineLoop(engine, on_death=self._on_engine_death, gate=gate, observer=self.metrics)
+        self.metrics.attach(self.loop)
+        self.http = None             # serving.http.server.HttpFront, when config.http_port is set
+        self.metrics_port = 0        # the standalone /metrics port, when config.metrics_port is set
         self.health = health.HealthServicer()
         self._done = threading.Event()
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + 4,
@@ -187,9 +224,11 @@ class GenerationServer:
                                  maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                                  # so_reuseport 0: a taken port is an error, not shared
                                  options=[("grpc.so_reuseport", 0)] + config.limits.grpc_options())
-        self.service = GenerationService(self.loop, model_name, push_handler, limits=config.limits)
+        self.service = GenerationService(self.loop, model_name, push_handler, limits=config.limits,
+                                         metrics=self.metrics)
         tandem_pb2_grpc.add_GenerationServicer_to_server(self.service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(REFLECTED_SERVICES, self._grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     @property
@@ -207,8 +246,27 @@ class GenerationServer:
             raise ConfigError("port", f"cannot bind {where}: the port is taken or the host is not local")
         self.loop.start()
         self._grpc.start()
+        self._start_http()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    def _start_http(self) -> None:
+        """The HTTP front (with /metrics) or a standalone /metrics port, beside gRPC over the same loop."""
+        if self.config.http_port is not None:
+            from serving.http.server import HttpFront
+
+            self.http = HttpFront(self.loop, self.config.http_config(), self.service.model_name,
+                                  self.service._encode_lock, metrics=self.metrics, serving=self._serving)
+            self.http.start()
+        if self.config.metrics_port is not None:
+            from serving.metrics import serve_metrics
+
+            httpd, _ = serve_metrics(self.metrics, self.config.host, self.config.metrics_port)
+            self.metrics_port = httpd.server_port
+            self._metrics_httpd = httpd
+
+    def _serving(self) -> bool:
+        return self.loop.alive and not self._done.is_set()
 
     def request_stop(self) -> None:
         """Ask `wait()` to return (signal handlers call this). A second request cuts the grace period
@@ -230,6 +288,10 @@ class GenerationServer:
         """NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace` s, then stop the engine."""
         grace = self.config.grace_s if grace is None else grace
         self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.stop(grace)
+        if self.metrics_port:
+            self._metrics_httpd.shutdown()
         self._grpc.stop(grace).wait()
         self.loop.stop()
         self._done.set()
