@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from common.errors import ConfigError
+from serving import limits
 from serving.engine.config import DEVICES, DTYPES, EngineConfig
-from serving.rpc import limits
 
 # EngineConfig / ServerConfig field -> the option that sets it, so errors name what the user typed.
 OPTIONS = {

@@ -26,6 +26,7 @@ from serving.engine.loop import EngineDead
 from serving.http.protocol import OpenAIError, Plan, bad, chat_plan, completion_plan
 from serving.http.responses import SSE_DONE, ResponseBuilder, sse
 from serving.http.streams import AsyncRequestStream
+from serving.limits import ServerFull
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,15 @@ def build_app(front) -> FastAPI:
         if front.inflight >= front.max_inflight:
             raise OpenAIError(429, f"the server already has {front.inflight} requests in flight; retry later",
                               type="rate_limit_error", code="rate_limit_exceeded")
+        try:
+            front.limits.check_planned(plan.prompts, plan.params, front.codec.max_model_len, repeats=plan.n)
+        except InvalidRequest as err:
+            param = plan.openai_param(err.field)
+            raise bad("prompt" if param == "prompts" else param, err.message) from None
+        try:
+            front.admission.take(plan.num_choices)
+        except ServerFull as err:
+            raise OpenAIError(429, str(err), type="rate_limit_error", code="rate_limit_exceeded") from None
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         stream = AsyncRequestStream([f"http-{request_id}-{k}" for k in range(plan.num_choices)],
                                     asyncio.get_running_loop())
@@ -109,22 +119,28 @@ def build_app(front) -> FastAPI:
         try:
             front.loop.submit(stream, prompts, front.engine_params(plan))
         except EngineDead as err:
+            front.admission.give_back(plan.num_choices)
             raise OpenAIError(503, str(err), type="server_error") from None
         front.inflight += 1
+
+        def done() -> None:
+            front.inflight -= 1
+            front.admission.give_back(plan.num_choices)
+
         builder = ResponseBuilder(plan, front.codec, front.model_id, request_id, chat)
         outputs = stream.outputs()
         try:
             first = await anext(outputs)
         except asyncio.CancelledError:
-            front.inflight -= 1
+            done()
             stream.cancel()
             raise
         except Exception as err:  # noqa: BLE001 - a refused prompt or a dead engine, answered as an error object
-            front.inflight -= 1
+            done()
             stream.cancel()
             raise engine_error(plan, err) from None
         if plan.stream:
-            return StreamingResponse(streamed(stream, outputs, first, builder, plan), media_type="text/event-stream",
+            return StreamingResponse(streamed(stream, outputs, first, builder, plan, done), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watch = asyncio.create_task(cancel_on_disconnect(request, stream))
         try:
@@ -140,11 +156,11 @@ def build_app(front) -> FastAPI:
         except (InvalidRequest, EngineDead) as err:
             raise engine_error(plan, err) from None
         finally:
-            front.inflight -= 1
+            done()
             watch.cancel()
             stream.cancel()
 
-    async def streamed(stream, outputs, first, builder: ResponseBuilder, plan: Plan):
+    async def streamed(stream, outputs, first, builder: ResponseBuilder, plan: Plan, done):
         started: set[int] = set()
         generated, version = 0, 0
         try:
@@ -164,7 +180,7 @@ def build_app(front) -> FastAPI:
             yield sse(engine_error(plan, err).body())
             yield SSE_DONE
         finally:                                          # also when the client disconnects mid-stream
-            front.inflight -= 1
+            done()
             stream.cancel()
 
     return app

@@ -16,6 +16,7 @@ from common.errors import ConfigError
 from serving.engine.loop import EngineLoop
 from serving.engine.sampling_params import per_sample
 from serving.http.protocol import Codec, Plan
+from serving.limits import Admission, RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class HttpConfig:
 
 class HttpFront:
     def __init__(self, loop: EngineLoop, config: HttpConfig, model_path: str, tokenizer_lock: threading.Lock,
-                 metrics=None, serving=None):
+                 metrics=None, serving=None, limits=None, admission=None):
         import uvicorn
 
         from serving.http.app import build_app
@@ -61,6 +62,9 @@ class HttpFront:
         self.metrics = metrics
         self.max_inflight = config.max_inflight
         self.inflight = 0                   # touched only on the event loop's thread
+        # the request limits and the running + queued count are the server's, shared with gRPC
+        self.limits = limits if limits is not None else RequestLimits()
+        self.admission = admission if admission is not None else Admission(self.limits.max_pending)
         self.created = int(time.time())
         self._serving = serving or (lambda: loop.alive)
         self.port = 0

@@ -29,8 +29,8 @@ from protos.names import FINISH_TO_PROTO
 from serving.engine.loop import EngineDead, EngineLoop, RequestStream
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
+from serving.limits import Admission, RequestLimits, ServerFull
 from serving.rpc.convert import engine_error_field, params_from_proto, prompt_from_proto
-from serving.rpc.limits import Admission, RequestLimits, ServerFull
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from protos import tandem_pb2, tandem_pb2_grpc
 from protos.names import SERVICE_NAME
 from serving.engine.config import EngineConfig
 from serving.engine.loop import EngineDead, EngineLoop, RequestStream
+from serving.limits import Admission, RequestLimits, ServerFull
 from serving.metrics import EngineMetrics
 from serving.rpc.convert import (
     ValidRequest,
@@ -37,7 +38,6 @@ from serving.rpc.convert import (
     status_to_proto,
 )
 from serving.rpc.experience import ExperienceHandler
-from serving.rpc.limits import Admission, RequestLimits, ServerFull
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,8 @@ class GenerationServer:
             from serving.http.server import HttpFront
 
             self.http = HttpFront(self.loop, self.config.http_config(), self.service.model_name,
-                                  self.service._encode_lock, metrics=self.metrics, serving=self._serving)
+                                  self.service._encode_lock, metrics=self.metrics, serving=self._serving,
+                                  limits=self.service.limits, admission=self.service.admission)
             self.http.start()
         if self.config.metrics_port is not None:
             from serving.metrics import serve_metrics

@@ -12,7 +12,7 @@ from protos import tandem_pb2, tandem_pb2_grpc
 from protos.auth import PushAuth, bearer_metadata
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
-from serving.rpc.limits import RequestLimits
+from serving.limits import RequestLimits
 from serving.rpc.push_service import WeightPushHandler
 from serving.rpc.server import GenerationServer, ServerConfig
 

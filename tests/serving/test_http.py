@@ -310,3 +310,48 @@ def test_reflection_lists_services_and_metrics_port(tinystories_path):
         assert "vllm:num_requests_running" in text
     finally:
         srv.stop(grace=1.0)
+
+
+# ---------------------------------------------------------------- one set of limits for both fronts
+
+def test_both_fronts_share_the_request_limits_and_the_pending_count(tinystories_path):
+    """The HTTP front obeys the server's request limits (400 naming the parameter) and its running +
+    queued count: slots held over gRPC make HTTP answer 429, and slots held over HTTP make gRPC answer
+    RESOURCE_EXHAUSTED; both recover once the slots come back."""
+    from serving.limits import RequestLimits
+
+    srv = make_server(tinystories_path, http_port=0,
+                      limits=RequestLimits(max_pending=4, max_prompts=4, max_samples=4, max_stop_strings=2))
+    base = f"http://{srv.http.address}"
+    try:
+        with grpc.insecure_channel(srv.address) as channel, httpx.Client(base_url=base, timeout=120) as http:
+            stub = tandem_pb2_grpc.GenerationStub(channel)
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Once", "stop": ["a", "b", "c"]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+            assert "max_stop_strings=2" in r.json()["error"]["message"]
+            long = tandem_pb2.GenerateRequest(prompts=[tandem_pb2.Prompt(text=PROMPT)] * 4,
+                                              params=tandem_pb2.SamplingParams(temperature=0, max_new_tokens=400,
+                                                                               ignore_eos=True))
+            busy = stub.GenerateStream(long, timeout=120)
+            next(busy)                                               # 4 of 4 slots held over gRPC
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Once", "max_tokens": 4})
+            assert r.status_code == 429 and "max_pending=4" in r.json()["error"]["message"]
+            busy.cancel()
+            wait_idle(stub)
+            deadline = time.monotonic() + 30                      # the cancelled call's slots come back
+            while srv.service.admission.held and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": [PROMPT] * 4,
+                                                              "max_tokens": 400, "ignore_eos": True,
+                                                              "temperature": 0, "stream": True}) as held:
+                assert held.status_code == 200
+                lines = held.iter_lines()                            # kept: a dropped iterator closes the stream
+                next(lines)                                          # 4 of 4 slots held over HTTP
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Generate(tandem_pb2.GenerateRequest(prompts=[tandem_pb2.Prompt(text="Once")]), timeout=30)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            wait_idle(stub)
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Once", "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+    finally:
+        srv.stop(grace=1.0)

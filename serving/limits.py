@@ -111,6 +111,26 @@ class RequestLimits:
                                                           f"max_new_tokens over its sequences), above the limit "
                                                           f"max_request_tokens={self.max_request_tokens}")
 
+    def check_planned(self, prompts: list[list[int]], params, max_model_len: int, repeats: int = 1) -> None:
+        """A request another front (HTTP) built: token-id prompts and engine SamplingParams. Errors name the
+        engine's field (each front maps it onto its own parameter names)."""
+        if len(prompts) > self.max_prompts:
+            raise InvalidRequest("prompts", f"{len(prompts)} prompts exceed the limit max_prompts={self.max_prompts}")
+        if len(params.stop_token_ids) > self.max_stop_token_ids:
+            raise InvalidRequest("stop_token_ids", f"{len(params.stop_token_ids)} ids exceed the limit "
+                                                   f"max_stop_token_ids={self.max_stop_token_ids}")
+        if len(params.stop) > self.max_stop_strings:
+            raise InvalidRequest("stop", f"{len(params.stop)} stop strings exceed the limit "
+                                         f"max_stop_strings={self.max_stop_strings}")
+        for text in params.stop:
+            if len(text) > self.max_stop_chars:
+                raise InvalidRequest("stop", f"a stop string of {len(text)} characters exceeds the limit "
+                                             f"max_stop_chars={self.max_stop_chars}")
+        try:
+            self.check_tokens(prompts, params.max_new_tokens, max_model_len, repeats)
+        except InvalidRequest as err:
+            raise InvalidRequest("max_new_tokens", err.message) from None
+
     def grpc_options(self) -> list[tuple[str, int]]:
         return [("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes)]
