@@ -179,3 +179,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> RequestLimits:
     return RequestLimits(**{name: getattr(args, name) for name in _OPTIONS})
+
+
+def to_argv(limits: RequestLimits) -> list[str]:
+    """The options that rebuild `limits` in a child server (the inverse of from_args)."""
+    return [arg for name, (option, _) in _OPTIONS.items() for arg in (option, str(getattr(limits, name)))]

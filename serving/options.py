@@ -73,6 +73,13 @@ def engine_argv(engine: EngineConfig) -> list[str]:
     return argv
 
 
+def server_argv(config) -> list[str]:
+    """The per-server options of a serving.rpc.server.ServerConfig that every replica must share (limits,
+    swap timeout, concurrency); address, ports and credentials are set per child."""
+    return ["--max-concurrent-rpcs", str(config.max_concurrent_rpcs), "--swap-timeout", str(config.swap_timeout_s),
+            *limits.to_argv(config.limits)]
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
@@ -109,7 +116,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             from serving.fleet.replicas import serve_replicas
 
             return serve_replicas(config, args.host, args.port, args.replicas, args.tp,
-                                  args.push_token_file, args.grace_period, ready=_print_balancer_ready)
+                                  args.push_token_file, args.grace_period, ready=_print_balancer_ready,
+                                  server_options=server_argv(server_config))
         if args.tp > 1:
             from serving.parallel.serve import serve_tensor_parallel
 

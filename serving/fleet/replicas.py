@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def replica_options(engine: EngineConfig, tp: int = 1, push_token_file: str | None = None,
-                    grace_s: float = 10.0) -> list[str]:
-    """The server options of one replica of `engine` (127.0.0.1, a free port)."""
-    options = [*engine_argv(engine), "--host", "127.0.0.1", "--port", "0", "--grace-period", str(grace_s)]
+                    grace_s: float = 10.0, server_options: list[str] = ()) -> list[str]:
+    """The server options of one replica of `engine` (127.0.0.1, a free port); `server_options` (limits,
+    swap timeout: serving.options.server_argv) are passed on as they are."""
+    options = [*engine_argv(engine), "--host", "127.0.0.1", "--port", "0", "--grace-period", str(grace_s),
+               *server_options]
     if push_token_file:
         options += ["--push-token-file", push_token_file]
     if tp > 1:
@@ -98,13 +100,13 @@ def serve_balancer(config: BalancerConfig, ready: Callable[[Balancer], None] | N
 
 def serve_replicas(engine: EngineConfig, host: str, port: int, replicas: int, tp: int = 1,
                    push_token_file: str | None = None, grace_s: float = 10.0,
-                   ready: Callable[[Balancer], None] | None = None) -> int:
+                   ready: Callable[[Balancer], None] | None = None, server_options: list[str] = ()) -> int:
     """`tandem serve --replicas R`: R replica processes behind a balancer on host:port."""
     if replicas < 1:
         raise ConfigError("replicas", f"must be >= 1, got {replicas}")
     config = BalancerConfig(backends=["127.0.0.1:1"], host=host, port=port, push_token_file=push_token_file).validate()
     started = time.monotonic()
-    procs = start_replicas(replica_options(engine, tp, push_token_file, grace_s), replicas)
+    procs = start_replicas(replica_options(engine, tp, push_token_file, grace_s, list(server_options)), replicas)
     addresses = [p.address for p in procs]
     log.info("%d replicas up in %.1f s: %s", replicas, time.monotonic() - started, ", ".join(addresses))
     config.backends = addresses

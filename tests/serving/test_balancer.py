@@ -75,9 +75,11 @@ def test_a_replica_killed_mid_run_the_remaining_requests_still_complete(replicas
         wait_for_replicas(balancer, timeout_s=60)
         client = TandemClient(balancer.address, timeout=120)
         assert client.health() == "SERVING"
+        routed = sum(r.served for r in balancer.replicas)
         with pytest.raises(TandemError) as info:                   # passed through untouched, not retried
             client.generate("Once", temperature=-1.0)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in info.value.details
+        assert sum(r.served for r in balancer.replicas) == routed + 1  # one replica saw it, none other
 
         # a weight push through the balancer reaches every replica (the credential travels with it)
         from clients.weight_push import current_version, hf_tensors, push_weights
@@ -128,3 +130,25 @@ def test_a_replica_killed_mid_run_the_remaining_requests_still_complete(replicas
         client.close()
     finally:
         balancer.stop(0)
+
+
+def test_replicas_are_started_with_the_servers_limits_and_swap_timeout():
+    """`tandem serve --replicas R --max-pending N --swap-timeout S`: each replica's command line rebuilds
+    the same request limits and swap timeout (they used to start with the defaults)."""
+    import argparse
+
+    from serving import limits, options
+    from serving.fleet.replicas import replica_options
+
+    parser = argparse.ArgumentParser()
+    options.add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--max-pending", "7", "--max-stop-strings", "3", "--swap-timeout", "2.5",
+                              "--replicas", "2"])
+    config = options.engine_config(args)
+    from serving.rpc.server import ServerConfig
+
+    server = ServerConfig(limits=limits.from_args(args), swap_timeout_s=args.swap_timeout)
+    child = parser.parse_args(replica_options(config, server_options=options.server_argv(server)))
+    assert limits.from_args(child) == limits.from_args(args)
+    assert child.swap_timeout == 2.5 and child.port == 0 and child.host == "127.0.0.1"
+    assert options.engine_config(child) == config
