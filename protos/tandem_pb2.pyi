@@ -221,10 +221,12 @@ class WeightHeader(_message.Message):
     def __init__(self, version: _Optional[int] = ..., origin: _Optional[str] = ..., lora: _Optional[bool] = ..., lora_scale: _Optional[float] = ..., num_tensors: _Optional[int] = ...) -> None: ...
 
 class WeightCommit(_message.Message):
-    __slots__ = ("checksum",)
+    __slots__ = ("checksum", "prepare_only")
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_ONLY_FIELD_NUMBER: _ClassVar[int]
     checksum: str
-    def __init__(self, checksum: _Optional[str] = ...) -> None: ...
+    prepare_only: bool
+    def __init__(self, checksum: _Optional[str] = ..., prepare_only: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "shape", "dtype", "block_size", "data", "scales", "offset", "last")
@@ -257,15 +259,25 @@ class WeightChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[WeightHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[WeightCommit, _Mapping]] = ...) -> None: ...
 
 class PushResult(_message.Message):
-    __slots__ = ("version", "bytes_received", "tensors", "stage_s", "swap_s")
+    __slots__ = ("version", "bytes_received", "tensors", "stage_s", "swap_s", "prepared")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     STAGE_S_FIELD_NUMBER: _ClassVar[int]
     SWAP_S_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
     version: int
     bytes_received: int
     tensors: int
     stage_s: float
     swap_s: float
-    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors: _Optional[int] = ..., stage_s: _Optional[float] = ..., swap_s: _Optional[float] = ...) -> None: ...
+    prepared: bool
+    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors: _Optional[int] = ..., stage_s: _Optional[float] = ..., swap_s: _Optional[float] = ..., prepared: _Optional[bool] = ...) -> None: ...
+
+class FinishPushRequest(_message.Message):
+    __slots__ = ("version", "commit")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    commit: bool
+    def __init__(self, version: _Optional[int] = ..., commit: _Optional[bool] = ...) -> None: ...

@@ -59,6 +59,11 @@ class GenerationStub:
                 request_serializer=protos_dot_tandem__pb2.WeightChunk.SerializeToString,
                 response_deserializer=protos_dot_tandem__pb2.PushResult.FromString,
                 _registered_method=True)
+        self.FinishPush = channel.unary_unary(
+                '/tandem.v1.Generation/FinishPush',
+                request_serializer=protos_dot_tandem__pb2.FinishPushRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem__pb2.PushResult.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -95,6 +100,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishPush(self, request, context):
+        """phase two of a prepare_only push; credential
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +133,11 @@ def add_GenerationServicer_to_server(servicer, server):
             'PushWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.PushWeights,
                     request_deserializer=protos_dot_tandem__pb2.WeightChunk.FromString,
+                    response_serializer=protos_dot_tandem__pb2.PushResult.SerializeToString,
+            ),
+            'FinishPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishPush,
+                    request_deserializer=protos_dot_tandem__pb2.FinishPushRequest.FromString,
                     response_serializer=protos_dot_tandem__pb2.PushResult.SerializeToString,
             ),
     }
@@ -258,6 +275,33 @@ class Generation:
             target,
             '/tandem.v1.Generation/PushWeights',
             protos_dot_tandem__pb2.WeightChunk.SerializeToString,
+            protos_dot_tandem__pb2.PushResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Generation/FinishPush',
+            protos_dot_tandem__pb2.FinishPushRequest.SerializeToString,
             protos_dot_tandem__pb2.PushResult.FromString,
             options,
             channel_credentials,

@@ -14,15 +14,19 @@ replica's engine failed: the same request may fail the same way elsewhere), INVA
 is bad everywhere), RESOURCE_EXHAUSTED (back-pressure or a limit: retrying elsewhere would only move load).
 
 PushWeights: the credential is checked here first (UNAUTHENTICATED, and nothing read, without it); then the
-pushed stream is relayed message by message to every healthy replica at once (with the caller's metadata,
-so the credential travels), each through a queue of a few messages, so the balancer never holds a whole
-push; the answer is the first replica's PushResult when all succeeded, else the first error, naming the
-replica. A push cut off mid-stream is cut off on every replica (each applies nothing). The balancer's own health service reports
-SERVING while at least one replica is healthy.
+pushed stream is relayed message by message to every healthy replica at once (with the caller's metadata, so
+the credential travels), each through a queue of a few messages, so the balancer never holds a whole push. The
+push runs in two phases: the commit goes out as `prepare_only`, so every replica stages and checks it and
+applies nothing; only when all have prepared does each get FinishPush(commit); if any refused, the others get
+FinishPush(abort) and the caller gets the first refusal, naming the replica. So replicas never serve different
+versions after a push (a commit that fails after others succeeded, e.g. out of memory while writing, is
+reported as INTERNAL naming the replica). A push cut off mid-stream is cut off on every replica (each applies
+nothing). The balancer's own health service reports SERVING while at least one replica is healthy.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -31,9 +35,11 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.errors import ConfigError
+from protos import tandem_pb2
 from protos.auth import PushAuth
 from protos.names import SERVICE_NAME
 
@@ -113,6 +119,9 @@ class Balancer:
         methods = {m: channel.unary_unary(path + m) for m in ROUTED_UNARY}
         methods.update({m: channel.unary_stream(path + m) for m in ROUTED_STREAM})
         methods["PushWeights"] = channel.stream_unary(path + "PushWeights")
+        methods["FinishPush"] = channel.unary_unary(path + "FinishPush",
+                                                    request_serializer=tandem_pb2.FinishPushRequest.SerializeToString,
+                                                    response_deserializer=tandem_pb2.PushResult.FromString)
         methods["Health"] = health_pb2_grpc.HealthStub(channel).Check
         return Replica(address, channel, methods=methods)
 
@@ -259,8 +268,22 @@ class Balancer:
         feeds = [queue.Queue(maxsize=PUSH_QUEUE) for _ in targets]
         calls = [(r, r.methods["PushWeights"].future(_drain(feed), timeout=_remaining(context),
                                                      metadata=_forwarded(context))) for r, feed in zip(targets, feeds)]
+        version = 0
         try:
-            for message in request_iterator:
+            for message in request_iterator:             # raw bytes: relayed as they came, but read
+                try:
+                    chunk = tandem_pb2.WeightChunk.FromString(message)
+                except DecodeError:
+                    for _, call in calls:
+                        call.cancel()
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push message is not a WeightChunk; "
+                                                                    "nothing applied")
+                kind = chunk.WhichOneof("kind")
+                if kind == "header":
+                    version = chunk.header.version
+                elif kind == "commit":                    # phase one: every replica stages and checks
+                    message = tandem_pb2.WeightChunk(commit=tandem_pb2.WeightCommit(
+                        checksum=chunk.commit.checksum, prepare_only=True)).SerializeToString()
                 for feed, (_, call) in zip(feeds, calls):
                     _offer(feed, message, call)
         except Exception:  # noqa: BLE001 - the pusher's stream broke: cut every replica's stream off too
@@ -269,13 +292,36 @@ class Balancer:
             context.abort(grpc.StatusCode.CANCELLED, "the push stream was cut off; nothing applied")
         for feed, (_, call) in zip(feeds, calls):
             _offer(feed, _END, call)
-        results = []
+        prepared, refused = [], None
         for replica, call in calls:
             try:
-                results.append(call.result())
+                call.result()
+                prepared.append(replica)
             except grpc.RpcError as err:
-                context.abort(err.code(), f"replica {replica.address}: {err.details()}")
-        return results[0]
+                refused = refused or (replica, err)
+        finish = functools.partial(self._finish, version=version, metadata=_forwarded(context),
+                                   timeout=_remaining(context))
+        if refused is not None:                           # phase two, abort: no replica applies anything
+            for replica in prepared:
+                finish(replica, commit=False)
+            replica, err = refused
+            context.abort(err.code(), f"replica {replica.address}: {err.details()} (no replica applied it)")
+        results, failed = [], []
+        for replica in prepared:                          # phase two, commit: every replica swaps it in
+            try:
+                results.append(finish(replica, commit=True))
+            except grpc.RpcError as err:
+                failed.append(f"{replica.address}: {err.code().name}: {err.details()}")
+        if failed:
+            log.error("weight push v%d committed on %d of %d replicas; failed on %s", version, len(results),
+                      len(prepared), "; ".join(failed))
+            context.abort(grpc.StatusCode.INTERNAL, f"v{version} committed on {len(results)} of {len(prepared)} "
+                                                    f"replicas; failed on {'; '.join(failed)}")
+        return results[0].SerializeToString()
+
+    def _finish(self, replica: Replica, *, version: int, commit: bool, metadata, timeout):
+        return replica.methods["FinishPush"](tandem_pb2.FinishPushRequest(version=version, commit=commit),
+                                             timeout=timeout, metadata=metadata)
 
 
 def _drain(feed: queue.Queue):

@@ -157,6 +157,11 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
         self.metrics.push_accepted(result.swap_s)
         return result
 
+    def FinishPush(self, request, context):
+        if self.push_handler is None:
+            return super().FinishPush(request, context)     # UNIMPLEMENTED
+        return self.push_handler.finish_push(request, context, self.loop)
+
     # ---------------------------------------------------------------- helpers
 
     def _encode(self, text: str) -> list[int]:
