@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from common.errors import ConfigError
+from serving.options import add_tls_arguments, tls_config
 
 OPTIONS = {"backends": "--backends", "host": "--host", "port": "--port", "health_interval_s": "--health-interval",
-           "push_token_file": "--push-token-file"}
+           "push_token_file": "--push-token-file", "tls_cert": "--tls-cert", "tls_key": "--tls-key",
+           "tls_client_ca": "--tls-client-ca", "tls_ca": "--backend-tls-ca"}
 
 
 def register(subparsers) -> None:
@@ -24,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--push-token-file", default=None, metavar="FILE",
                    help="the credential PushWeights calls must carry, checked here before forwarding (else "
                         "$TANDEM_PUSH_TOKEN; with neither, weight pushes are refused)")
+    add_tls_arguments(p)
+    p.add_argument("--backend-tls-ca", default=None, metavar="FILE",
+                   help="reach the replicas over TLS, trusting this CA (default: plaintext)")
     p.set_defaults(run=run, default_log_level="INFO", parser=p)
 
 
@@ -33,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     config = BalancerConfig(backends=backends, host=args.host, port=args.port,
-                            health_interval_s=args.health_interval, push_token_file=args.push_token_file)
+                            health_interval_s=args.health_interval, push_token_file=args.push_token_file,
+                            tls=tls_config(args), backend_tls_ca=args.backend_tls_ca)
     try:
         config.validate()
         return serve_balancer(config, ready=_print_ready)

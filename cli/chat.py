@@ -11,7 +11,7 @@ import sys
 
 import grpc
 
-from cli.common import add_server_option
+from cli.common import add_server_option, connect
 from cli.complete import add_sampling_options, sampling_kwargs
 from clients.results import TandemError
 
@@ -32,12 +32,10 @@ def build_prompt(system: str, turns: list[tuple[str, str]], message: str) -> str
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.client import TandemClient
-
     interactive = sys.stdin.isatty()
     turns: list[tuple[str, str]] = []
     params = {**sampling_kwargs(args), "stop": [HUMAN]}
-    with TandemClient(args.server, timeout=args.timeout) as client:
+    with connect(args) as client:
         while True:
             message = _read(interactive)
             if message is None or message.strip() == "/quit":

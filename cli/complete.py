@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.common import add_server_option
+from cli.common import add_server_option, connect
 
 
 def add_sampling_options(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -33,11 +33,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.client import TandemClient
-
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = {**sampling_kwargs(args), "stop": args.stop or None}
-    with TandemClient(args.server, timeout=args.timeout) as client:
+    with connect(args) as client:
         if args.stream:
             for delta in client.generate_stream(prompt, **params):
                 sys.stdout.write(delta.text)

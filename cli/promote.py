@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cli.common import add_server_option
+from cli.common import credentials as tls_credentials
 
 QUANTIZE = {"none": None, "int8": "int8", "int4": "int4"}
 
@@ -28,7 +29,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="CHECKPOINT is a LoRA adapter folder")
     p.add_argument("--token-file", default=None, metavar="F", help="file holding the push token "
                                                                     "(default: $TANDEM_PUSH_TOKEN)")
-    p.add_argument("--tls-ca", default=None, metavar="F", help="connect over TLS, trusting this CA certificate")
     p.add_argument("--version", type=int, default=None, metavar="N",
                    help="version to install (default: the server's version + 1)")
     p.add_argument("--origin", default=None, help="origin shown by `tandem status` (default: the folder)")
@@ -42,7 +42,7 @@ register = add_parser   # the name cli/main.py calls
 def run(args: argparse.Namespace) -> int:
     from clients.weight_push import hf_tensors, lora_adapter, push_weights
     from common.errors import FieldError
-    from protos.auth import channel_credentials, read_token
+    from protos.auth import read_token
 
     parser: argparse.ArgumentParser | None = getattr(args, "parser", None)
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     lora = args.lora or (folder / "adapter_config.json").is_file()
     try:
         token = read_token(args.token_file, field="token_file")
-        credentials = channel_credentials(args.tls_ca) if args.tls_ca else None
+        credentials = tls_credentials(args)
         if lora:
             tensors, scale = lora_adapter(folder)
             named, count = tensors, len(tensors)
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                               block_size=args.block_size, lora=lora, lora_scale=scale, num_tensors=count,
                               timeout=args.timeout, credentials=credentials)
     except FieldError as err:
-        option = {"checkpoint": "CHECKPOINT", "token_file": "--token-file", "tls_ca": "--tls-ca"}.get(err.field, err.field)
+        option = {"checkpoint": "CHECKPOINT", "token_file": "--token-file"}.get(err.field, "--" + err.field.replace("_", "-"))
         return usage_error(f"{option}: {err.message}")
     print(f"promoted {folder} to {args.server}: version {report.version} in force "
           f"({'LoRA' if lora else 'full'}, {report.tensors} tensors, {encoding}, "

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from cli.common import add_server_option
+from cli.common import add_server_option, connect
 
 
 def register(subparsers) -> None:
@@ -17,9 +17,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.client import TandemClient
-
-    with TandemClient(args.server, timeout=args.timeout or 10.0) as client:
+    with connect(args, timeout=args.timeout or 10.0) as client:
         status = client.status()
         health = client.health()
     if args.json:

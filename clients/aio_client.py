@@ -24,10 +24,12 @@ from protos.names import SERVICE_NAME
 class AsyncTandemClient:
     """asyncio twin of clients.client.TandemClient (create it inside a running event loop)."""
 
-    def __init__(self, target: str, timeout: float | None = None):
+    def __init__(self, target: str, timeout: float | None = None, *,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = (grpc.aio.secure_channel(target, credentials) if credentials is not None
+                         else grpc.aio.insecure_channel(target))
         self._stub = tandem_pb2_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -26,6 +26,7 @@ from clients.results import (
     build_rollout_request,
 )
 from protos import tandem_pb2, tandem_pb2_grpc
+from protos.auth import open_channel
 from protos.names import SERVICE_NAME
 
 
@@ -51,12 +52,14 @@ class TandemClient:
 
     `timeout` is the default deadline of every call in seconds (None: no deadline); each method
     takes its own `timeout=` too. Failed calls raise TandemError (its `.code` is the gRPC status).
+    `credentials` (protos.auth.channel_credentials(ca, cert, key)) connects over TLS.
     """
 
-    def __init__(self, target: str, timeout: float | None = None):
+    def __init__(self, target: str, timeout: float | None = None, *,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        self._channel = open_channel(target, credentials)
         self._stub = tandem_pb2_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

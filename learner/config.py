@@ -150,6 +150,9 @@ class PPOConfig(CommonConfig):
                                         # and after every iteration
     push_quantize: str = "none"         # none (fp32) | bfloat16 | int8 | int4
     push_token_file: str = ""           # the server's push credential (else $TANDEM_PUSH_TOKEN)
+    server_tls_ca: str = ""             # reach the server over TLS, trusting this CA ("" = plaintext)
+    server_tls_cert: str = ""           # a client certificate, for a server that requires one
+    server_tls_key: str = ""
     gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task); = gold.DEFAULT_EVAL_PROMPTS
 
     def validate(self) -> PPOConfig:

@@ -1,4 +1,4 @@
-"""The push credential: a shared token that every PushWeights call must carry, and optional TLS.
+"""The push credential (a shared token that every PushWeights call must carry) and TLS for servers and clients.
 
 The server reads the token from a file (`--push-token-file`) or the environment (`TANDEM_PUSH_TOKEN`);
 a pusher sends it as gRPC metadata `authorization: Bearer <token>`. The comparison is constant-time.
@@ -80,19 +80,64 @@ class PushAuth:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
 
-def server_credentials(cert_file: str | Path, key_file: str | Path) -> grpc.ServerCredentials:
-    """TLS for the server (`server.add_secure_port(address, server_credentials(...))`)."""
-    try:
-        cert, key = Path(cert_file).read_bytes(), Path(key_file).read_bytes()
-    except OSError as exc:
-        raise ConfigError("tls_cert", f"cannot read the TLS certificate or key: {exc}") from None
-    return grpc.ssl_server_credentials([(key, cert)])
+@dataclass
+class ServerTLS:
+    """TLS for a gRPC server: its certificate and key; with `client_ca_file`, clients must present a
+    certificate signed by that CA (mutual TLS). All None: plaintext (the loopback default)."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def validate(self) -> ServerTLS:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("tls_cert" if not self.cert_file else "tls_key",
+                              "TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.client_ca_file and not self.cert_file:
+            raise ConfigError("tls_client_ca", "client certificates need the server's own TLS (--tls-cert, --tls-key)")
+        if self.enabled:
+            self.credentials()                       # unreadable files: a clear error at start, not at bind
+        return self
+
+    def credentials(self) -> grpc.ServerCredentials:
+        cert, key = _read(self.cert_file, "tls_cert"), _read(self.key_file, "tls_key")
+        client_ca = _read(self.client_ca_file, "tls_client_ca") if self.client_ca_file else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
 
 
-def channel_credentials(ca_file: str | Path | None = None) -> grpc.ChannelCredentials:
-    """TLS for a client (`grpc.secure_channel(target, channel_credentials(ca))`); the system roots without ca_file."""
+def add_port(server: grpc.Server, address: str, tls: ServerTLS | None) -> int:
+    """Bind `address` with TLS when configured, else plaintext; the bound port (0 when it failed)."""
+    if tls is not None and tls.enabled:
+        return server.add_secure_port(address, tls.credentials())
+    return server.add_insecure_port(address)
+
+
+def channel_credentials(ca_file: str | Path | None = None, cert_file: str | Path | None = None,
+                        key_file: str | Path | None = None) -> grpc.ChannelCredentials:
+    """TLS for a client: trust `ca_file` (the system roots without it); with cert and key, present them
+    (a server that requires client certificates)."""
+    if bool(cert_file) != bool(key_file):
+        raise ConfigError("tls_cert" if not cert_file else "tls_key", "a client certificate needs its key and back")
+    roots = _read(ca_file, "tls_ca") if ca_file else None
+    cert = _read(cert_file, "tls_cert") if cert_file else None
+    key = _read(key_file, "tls_key") if key_file else None
+    return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=cert)
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None, options=None) -> grpc.Channel:
+    """A channel to `target`: TLS with `credentials`, else plaintext."""
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, options=options)
+    return grpc.insecure_channel(target, options=options)
+
+
+def _read(path: str | Path, field: str) -> bytes:
     try:
-        roots = Path(ca_file).read_bytes() if ca_file else None
+        return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError("tls_ca", f"cannot read the CA certificate: {exc}") from None
-    return grpc.ssl_channel_credentials(root_certificates=roots)
+        raise ConfigError(field, f"cannot read {str(path)!r}: {exc.strerror or exc}") from None

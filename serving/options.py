@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from common.errors import ConfigError
+from protos.auth import ServerTLS
 from serving import limits
 from serving.engine.config import DEVICES, DTYPES, EngineConfig
 
@@ -18,6 +19,7 @@ OPTIONS = {
     "port": "--port", "grace_s": "--grace-period", "max_concurrent_rpcs": "--max-concurrent-rpcs",
     "push_token_file": "--push-token-file", "tp": "--tp", "replicas": "--replicas",
     "swap_timeout_s": "--swap-timeout", **limits.OPTIONS,
+    "tls_cert": "--tls-cert", "tls_key": "--tls-key", "tls_client_ca": "--tls-client-ca",
     "http_port": "--http-port", "api_key_file": "--api-key-file", "metrics_port": "--metrics-port",
 }
 
@@ -51,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a weight swap waits at most S s for running requests, then ends them as aborted "
                         "(ABORTED) and swaps; new requests wait at most this long (default: %(default)s)")
     limits.add_arguments(p)
+    add_tls_arguments(p)
     p.add_argument("--http-port", type=int, default=None, metavar="P",
                    help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                         "/v1/models, /health, /metrics) on this port; 0 picks a free one (default: off)")
@@ -58,6 +61,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the HTTP front's API key: /v1/* then needs `Authorization: Bearer KEY`")
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="a Prometheus /metrics endpoint of its own (the HTTP front serves /metrics too)")
+
+
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """The gRPC front's TLS options (tandem serve and tandem balance)."""
+    group = p.add_argument_group("TLS (off by default: plaintext, for loopback)")
+    group.add_argument("--tls-cert", default=None, metavar="FILE", help="serve gRPC over TLS with this certificate (PEM)")
+    group.add_argument("--tls-key", default=None, metavar="FILE", help="the certificate's private key (PEM)")
+    group.add_argument("--tls-client-ca", default=None, metavar="FILE",
+                       help="require client certificates signed by this CA (mutual TLS)")
+
+
+def tls_config(args: argparse.Namespace) -> ServerTLS:
+    return ServerTLS(cert_file=args.tls_cert, key_file=args.tls_key, client_ca_file=args.tls_client_ca)
 
 
 def engine_argv(engine: EngineConfig) -> list[str]:
@@ -97,7 +113,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                  max_concurrent_rpcs=args.max_concurrent_rpcs,
                                  push_token_file=args.push_token_file, swap_timeout_s=args.swap_timeout,
                                  limits=limits.from_args(args), http_port=args.http_port,
-                                 api_key_file=args.api_key_file, metrics_port=args.metrics_port)
+                                 api_key_file=args.api_key_file, metrics_port=args.metrics_port,
+                                 tls=tls_config(args))
     try:
         config.validate()
         server_config.validate()
@@ -117,7 +134,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             return serve_replicas(config, args.host, args.port, args.replicas, args.tp,
                                   args.push_token_file, args.grace_period, ready=_print_balancer_ready,
-                                  server_options=server_argv(server_config))
+                                  server_options=server_argv(server_config), tls=server_config.tls)
         if args.tp > 1:
             from serving.parallel.serve import serve_tensor_parallel
 

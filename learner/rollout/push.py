@@ -37,11 +37,12 @@ PUSH_DEADLINE_S = 600.0   # a push (stream + the server's swap) that takes longe
 
 
 def push_actor(actor, server: str, token: str | None, version: int, *, origin: str,
-               encoding: str = "float32", timeout: float | None = PUSH_DEADLINE_S) -> PushReport | None:
+               encoding: str = "float32", timeout: float | None = PUSH_DEADLINE_S,
+               credentials=None) -> PushReport | None:
     """Push `actor` as `version` within `timeout` s; rank 0 returns the server's report, other ranks None."""
     keep = ds.rank() == 0
     push = StreamingPush(server, token=token, version=version, origin=origin, encoding=encoding,
-                         timeout=timeout) if keep else None
+                         timeout=timeout, credentials=credentials) if keep else None
     try:
         for name, tensor in actor_tensors(actor, keep=keep):
             push.send(name, tensor)
@@ -61,15 +62,16 @@ class ActorPusher:
     the learner's new version. `reports` holds rank 0's PushReports (as dicts, with the iteration)."""
 
     def __init__(self, server: str, token: str | None, version: int, *, encoding: str = "float32",
-                 origin: str = "tandem up", source=None):
-        self.server, self.token, self.version = server, token, version
+                 origin: str = "tandem up", source=None, credentials=None):
+        self.server, self.token, self.version, self.credentials = server, token, version, credentials
         self.encoding, self.origin, self.source = encoding, origin, source
         self.reports: list[dict] = []
 
     def __call__(self, iteration: int, models, stats: dict) -> None:
         version = self.version + 1
         report = push_actor(models.actor, self.server, self.token, version,
-                            origin=f"{self.origin}: ppo iteration {iteration}", encoding=self.encoding)
+                            origin=f"{self.origin}: ppo iteration {iteration}", encoding=self.encoding,
+                            credentials=self.credentials)
         self.version = version
         if self.source is not None:
             self.source.learner_version = version

@@ -104,7 +104,7 @@ class RemoteRolloutSource:
 
     def __init__(self, server: str, *, max_staleness: int = 1, learner_version: int | None = None,
                  upcoming: Callable[[], list[list[int]]] | None = None, timeout: float | None = 600.0,
-                 seed: int | None = None):
+                 seed: int | None = None, credentials=None):
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.server = server
@@ -113,7 +113,7 @@ class RemoteRolloutSource:
         self.timeout = timeout
         self.seed = seed
         self._calls = 0
-        self._client = TandemClient(server)
+        self._client = TandemClient(server, credentials=credentials)   # TLS when credentials are given
         self.learner_version = self.server_version() if learner_version is None else int(learner_version)
         self._pending: RolloutJob | None = None
         self.last_stats: dict[str, float] = {}

@@ -22,7 +22,7 @@ from learner import ds
 from learner.config import PUSH_ENCODINGS, PPOConfig
 from learner.rollout.push import ActorPusher, push_actor
 from learner.rollout.remote import RemoteRolloutSource
-from protos.auth import read_token
+from protos.auth import channel_credentials, read_token
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +41,21 @@ class ServerLink:
     @classmethod
     def open(cls, config: PPOConfig, actor, upcoming: Callable[[], list[list[int]]] | None) -> ServerLink:
         encoding = PUSH_ENCODINGS[config.push_quantize]
+        tls = None
+        if config.server_tls_ca or config.server_tls_cert:
+            tls = channel_credentials(config.server_tls_ca or None, config.server_tls_cert or None,
+                                      config.server_tls_key or None)
         first = None
         pusher = None
         if config.push_weights:
             token = read_token(config.push_token_file or None)
-            first = shared_int(current_version(config.server) + 1 if ds.rank() == 0 else 0)
+            first = shared_int(current_version(config.server, credentials=tls) + 1 if ds.rank() == 0 else 0)
             push_actor(actor, config.server, token, first, origin=f"{config.actor_model} (PPO start)",
-                       encoding=encoding)
-            pusher = ActorPusher(config.server, token, first, encoding=encoding, origin=config.output_dir)
+                       encoding=encoding, credentials=tls)
+            pusher = ActorPusher(config.server, token, first, encoding=encoding, origin=config.output_dir,
+                                 credentials=tls)
         source = RemoteRolloutSource(config.server, max_staleness=config.max_staleness, learner_version=first,
-                                     upcoming=upcoming, seed=config.seed * 7919 + ds.rank())
+                                     upcoming=upcoming, seed=config.seed * 7919 + ds.rank(), credentials=tls)
         if pusher is not None:
             pusher.source = source
         log.info("ppo: rollouts from %s (learner v%d, max staleness %d, pushes %s)", config.server,

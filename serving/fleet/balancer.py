@@ -40,7 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.errors import ConfigError
 from protos import tandem_pb2
-from protos.auth import PushAuth
+from protos.auth import PushAuth, ServerTLS, add_port, channel_credentials, open_channel
 from protos.names import SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class BalancerConfig:
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 64 << 20
     push_token_file: str | None = None  # the PushWeights credential (else $TANDEM_PUSH_TOKEN; else pushes refused)
+    tls: ServerTLS = field(default_factory=ServerTLS)   # the balancer's own front over TLS
+    backend_tls_ca: str | None = None   # reach the replicas over TLS, trusting this CA (None: plaintext)
 
     def validate(self) -> BalancerConfig:
         if not self.backends:
@@ -75,6 +77,9 @@ class BalancerConfig:
             raise ConfigError("port", f"must be in [0, 65535], got {self.port}")
         if not self.health_interval_s > 0:
             raise ConfigError("health_interval_s", f"must be > 0, got {self.health_interval_s}")
+        self.tls.validate()
+        if self.backend_tls_ca:
+            channel_credentials(self.backend_tls_ca)
         return self
 
 
@@ -96,7 +101,8 @@ class Balancer:
         self.auth = PushAuth.from_sources(config.push_token_file)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
-        self.replicas = [self._replica(a, options) for a in config.backends]
+        backend_tls = channel_credentials(config.backend_tls_ca) if config.backend_tls_ca else None
+        self.replicas = [self._replica(a, options, backend_tls) for a in config.backends]
         self.port = 0
         self._lock = threading.Lock()
         self._turn = itertools.count()
@@ -113,8 +119,8 @@ class Balancer:
         self._checker = threading.Thread(target=self._check_health, name="balancer-health", daemon=True)
 
     @staticmethod
-    def _replica(address: str, options) -> Replica:
-        channel = grpc.insecure_channel(address, options=options)
+    def _replica(address: str, options, credentials=None) -> Replica:
+        channel = open_channel(address, credentials, options=options)
         path = f"/{SERVICE_NAME}/"
         methods = {m: channel.unary_unary(path + m) for m in ROUTED_UNARY}
         methods.update({m: channel.unary_stream(path + m) for m in ROUTED_STREAM})
@@ -130,7 +136,7 @@ class Balancer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> int:
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = add_port(self._server, f"{self.config.host}:{self.config.port}", self.config.tls)
         if self.port == 0:
             raise ConfigError("port", f"cannot bind {self.config.host}:{self.config.port}")
         self.probe_all()

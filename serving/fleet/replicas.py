@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from common.errors import ConfigError
 from common.process import ServiceProcess, child_env
+from protos.auth import ServerTLS
 from serving.engine.config import EngineConfig
 from serving.fleet.balancer import Balancer, BalancerConfig
 from serving.launch import READY_PREFIX, START_TIMEOUT_S, server_command
@@ -100,11 +101,13 @@ def serve_balancer(config: BalancerConfig, ready: Callable[[Balancer], None] | N
 
 def serve_replicas(engine: EngineConfig, host: str, port: int, replicas: int, tp: int = 1,
                    push_token_file: str | None = None, grace_s: float = 10.0,
-                   ready: Callable[[Balancer], None] | None = None, server_options: list[str] = ()) -> int:
+                   ready: Callable[[Balancer], None] | None = None, server_options: list[str] = (),
+                   tls: ServerTLS | None = None) -> int:
     """`tandem serve --replicas R`: R replica processes behind a balancer on host:port."""
     if replicas < 1:
         raise ConfigError("replicas", f"must be >= 1, got {replicas}")
-    config = BalancerConfig(backends=["127.0.0.1:1"], host=host, port=port, push_token_file=push_token_file).validate()
+    config = BalancerConfig(backends=["127.0.0.1:1"], host=host, port=port, push_token_file=push_token_file,
+                            tls=tls or ServerTLS()).validate()     # the replicas themselves stay on loopback
     started = time.monotonic()
     procs = start_replicas(replica_options(engine, tp, push_token_file, grace_s, list(server_options)), replicas)
     addresses = [p.address for p in procs]

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.errors import ConfigError, InvalidRequest
 from protos import tandem_pb2, tandem_pb2_grpc
+from protos.auth import ServerTLS, add_port
 from protos.names import SERVICE_NAME
 from serving.engine.config import EngineConfig
 from serving.engine.loop import EngineDead, EngineLoop, RequestStream
@@ -58,6 +59,7 @@ class ServerConfig:
     http_port: int | None = None      # the OpenAI-compatible HTTP front (serving.http): None = off, 0 = a free port
     api_key_file: str | None = None   # the HTTP front's API key (Authorization: Bearer KEY); None = open
     metrics_port: int | None = None   # a standalone Prometheus /metrics when the HTTP front is off (0: a free port)
+    tls: ServerTLS = field(default_factory=ServerTLS)   # gRPC over TLS (optionally mutual); off: plaintext
 
     def validate(self) -> ServerConfig:
         if not self.host:
@@ -71,6 +73,7 @@ class ServerConfig:
         if not self.swap_timeout_s >= 0:
             raise ConfigError("swap_timeout_s", f"must be >= 0, got {self.swap_timeout_s}")
         self.limits.validate()
+        self.tls.validate()
         if self.metrics_port is not None and not 0 <= int(self.metrics_port) <= 65535:
             raise ConfigError("metrics_port", f"must be in [0, 65535], got {self.metrics_port}")
         if self.http_port is not None or self.api_key_file is not None:
@@ -244,7 +247,7 @@ class GenerationServer:
         """Bind, start the engine thread and the server, report SERVING; return the bound port."""
         where = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self._grpc.add_insecure_port(where)
+            self.port = add_port(self._grpc, where, self.config.tls)
         except RuntimeError:
             self.port = 0
         if self.port == 0:

@@ -165,20 +165,25 @@ def test_two_rank_zero3_ppo_under_the_deepspeed_launcher(run_dir):
 @pytest.mark.slow
 def test_learn_ppo_rollout_remote_against_a_running_server(run_dir, tmp_path):
     """`tandem learn ppo --rollout remote --server HOST:PORT`: the starting actor is pushed, every rollout
-    comes from the server, and the actor is pushed back after every iteration."""
+    comes from the server, and the actor is pushed back after every iteration; all of it over TLS."""
     import subprocess
     import sys
 
     from clients.client import TandemClient
+    from protos.auth import ServerTLS, channel_credentials
     from serving.engine.config import EngineConfig
-    from serving.rpc.server import start_server
+    from serving.rpc.server import ServerConfig, start_server
+    from tests.tls_certs import make_certs
 
     token_file = tmp_path / "token"
     token_file.write_text("ppo-remote-token")
+    certs = make_certs(tmp_path / "certs")
     server = start_server(EngineConfig(model=str(run_dir / "sft"), device="cpu", num_kv_blocks=256),
-                          port=0, push_token_file=str(token_file))
+                          ServerConfig(port=0, push_token_file=str(token_file),
+                                       tls=ServerTLS(str(certs.server_cert), str(certs.server_key))))
+    tls = channel_credentials(certs.ca)
     try:
-        with TandemClient(server.address) as client:
+        with TandemClient(server.address, credentials=tls) as client:
             before = client.status().weight_version
         out = tmp_path / "ppo_remote"
         cmd = [sys.executable, "-m", "cli.main", "learn", "ppo", "--num-ranks", "1",
@@ -188,7 +193,7 @@ def test_learn_ppo_rollout_remote_against_a_running_server(run_dir, tmp_path):
                "--output_dir", str(out), "--iterations", "3", "--rollout_batch_size", "4",
                "--mini_batch_size", "2", "--max_new_tokens", "12", "--zero_stage", "0",
                "--cache_dir", str(run_dir / "cache"), "--rollout", "remote", "--server", server.address,
-               "--push_weights", "true", "--push_token_file", str(token_file)]
+               "--push_weights", "true", "--push_token_file", str(token_file), "--server_tls_ca", str(certs.ca)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         final = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"step": "ppo"')][-1])
@@ -196,7 +201,7 @@ def test_learn_ppo_rollout_remote_against_a_running_server(run_dir, tmp_path):
         assert final["final_version"] == before + 4                 # then once after each of 3 iterations
         assert [p["version"] for p in final["pushes"]] == [before + 2, before + 3, before + 4]
         assert final["rollout"]["rollout_fresh"] + final["rollout"].get("rollout_stale", 0) == 3 * 4
-        with TandemClient(server.address) as client:
+        with TandemClient(server.address, credentials=tls) as client:
             status = client.status()
         assert status.weight_version == before + 4 and "ppo iteration 3" in status.weight_origin
     finally:

@@ -402,7 +402,7 @@ def test_push_over_tls_with_the_token(server, stub, hf_base, tmp_path):
     import shutil
     import subprocess
 
-    from protos.auth import channel_credentials, server_credentials
+    from protos.auth import ServerTLS, channel_credentials
     from serving.rpc import server as server_module
     from serving.rpc.push_service import WeightPushHandler
 
@@ -415,7 +415,7 @@ def test_push_over_tls_with_the_token(server, stub, hf_base, tmp_path):
     handler = WeightPushHandler(PushAuth(TOKEN), server.service.push_handler.swapper)
     tls = grpc.server(futures.ThreadPoolExecutor(2))
     tandem_pb2_grpc.add_GenerationServicer_to_server(server_module.GenerationService(server.loop, "tls", handler), tls)
-    port = tls.add_secure_port("127.0.0.1:0", server_credentials(cert, key))
+    port = tls.add_secure_port("127.0.0.1:0", ServerTLS(str(cert), str(key)).credentials())
     tls.start()
     try:
         version = stub.GetStatus(tandem_pb2.StatusRequest()).weight_version
