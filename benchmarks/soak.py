@@ -192,6 +192,14 @@ def soak(stub, server, token: str, args) -> None:
     threads = [threading.Thread(target=run.client, args=(i,), daemon=True) for i in range(args.streams)]
     threads.append(threading.Thread(target=run.pusher, args=(server.address, token, args.model, args.push_every,
                                                                versions), daemon=True))
+    samples: list[tuple[float, float]] = []                    # (seconds into the soak, RSS MB)
+
+    def sample_rss() -> None:
+        began = time.monotonic()
+        while not _sleep_until(time.monotonic() + 10, run.end):
+            samples.append((time.monotonic() - began, rss_mb(server.proc.pid)))
+
+    threads.append(threading.Thread(target=sample_rss, daemon=True))
     for t in threads:
         t.start()
     for t in threads:
@@ -209,6 +217,11 @@ def soak(stub, server, token: str, args) -> None:
           f"running {end.running}, waiting {end.waiting}; server alive: {server.running}")
     print(f"  server RSS: {rss_start:.0f} MB at start, {rss_end:.0f} MB at end "
           f"({(rss_end / rss_start - 1) * 100:+.1f}%)")
+    warm = next((mb for s, mb in samples if s >= 60), None)     # after the first minute: warm-up done
+    if warm is not None:
+        every_minute = [f"{mb:.0f}" for s, mb in samples if int(s) % 60 < 10]
+        print(f"  server RSS each minute: {', '.join(every_minute)} MB; after the first minute {warm:.0f} -> "
+              f"{rss_end:.0f} MB ({(rss_end / warm - 1) * 100:+.1f}%)")
     print(f"  latency of completed streams: p50 {p50:.2f} s, p95 {p95:.2f} s")
     print(f"  versions pushed: {len(versions)} (last v{versions[-1] if versions else 0}); weight version in force "
           f"v{end.weight_version}", flush=True)
