@@ -68,7 +68,7 @@ class AttentionMetadata:
     @staticmethod
     def build(chunks: list[ScheduledChunk], block_size: int, device: torch.device,
               dtype: torch.dtype = torch.float32, head_dim: int | None = None) -> "AttentionMetadata":
-        slots: list[np.ndarray] = []
+        slots: list[int] = []
         decode_rows: list[int] = []
         decode_chunks: list[ScheduledChunk] = []
         prefills: list[PrefillChunk] = []
@@ -80,12 +80,13 @@ class AttentionMetadata:
                 raise ValueError(f"chunk of seq {chunk.seq_id}: {n} tokens at {start} do not fit its "
                                  f"{len(table)} blocks of {block_size}")
             if n == 1:
-                slots.append(np.array([table[start // block_size] * block_size + start % block_size]))
+                slots.append(table[start // block_size] * block_size + start % block_size)
                 decode_rows.append(offset)
                 decode_chunks.append(chunk)
             else:
                 pos = np.arange(start, start + n)
-                slots.append(np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size)
+                slots.extend((np.asarray(table, dtype=np.int64)[pos // block_size] * block_size
+                              + pos % block_size).tolist())
                 num_blocks = (start + n + block_size - 1) // block_size
                 block_ids = torch.tensor(table[:num_blocks], dtype=torch.long, device=device)
                 mask = None
@@ -94,7 +95,7 @@ class AttentionMetadata:
                     mask = _additive(allowed, dtype)
                 prefills.append(PrefillChunk(offset, offset + n, start, block_ids, mask))
             offset += n
-        slot_mapping = torch.from_numpy(np.concatenate(slots).astype(np.int64)).to(device)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
         tables = lens = None
         if decode_chunks and paged_kernel.available(torch.device(device), dtype, head_dim):
             buckets = []

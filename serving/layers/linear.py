@@ -14,7 +14,7 @@ eagerly, so the cost lands in the weight swap rather than in the first step afte
 
 Where packing does not pay the plain path runs: on CUDA, for fp16, for a module that is not a plain
 linear layer (tensor parallelism's RowParallel, which all-reduces), for fp32 matrices under
-MIN_PACKED_FP32 elements and for fp32 single-row inputs (oneDNN's per-call overhead dominates there).
+MIN_PACKED_FP32 elements or with under MIN_PACKED_FP32_IN inputs, and for fp32 single-row inputs (oneDNN's per-call overhead dominates there).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 MIN_PACKED_FP32 = 512 * 256      # fp32 matrices smaller than this were as fast or faster unpacked
+MIN_PACKED_FP32_IN = 256         # ...and so were fp32 ones with fewer inputs (TinyStories' 128)
 PACK_BATCH_HINT = 64             # the row count oneDNN tunes the packed layout for
 ENABLED = os.environ.get("TANDEM_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
 
@@ -80,7 +81,8 @@ class PackedLinear:
                 len({m.bias is None for m in modules}) != 1:
             return False
         numel = sum(m.weight.numel() for m in modules)
-        return w.dtype != torch.float32 or numel >= MIN_PACKED_FP32
+        in_features = w.shape[0] if self.transposed else w.shape[1]
+        return w.dtype != torch.float32 or (numel >= MIN_PACKED_FP32 and in_features >= MIN_PACKED_FP32_IN)
 
     @torch.no_grad()
     def repack(self) -> None:

@@ -32,32 +32,39 @@ SOURCE = r"""
 #include <cstring>
 #include <vector>
 
-// One cached row as fp32 in `dst` (a copy for bf16: bits << 16, which g++ vectorizes; a pointer for fp32).
-static inline const float* row_f32(const float* src, float*, int64_t) { return src; }
-static inline const float* row_f32(const double* src, float* dst, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
-  return dst;
-}
-static inline const float* row_f32(const c10::BFloat16* src, float* dst, int64_t D) {
-  const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t d = 0; d < D; ++d) {
-    uint32_t bits = static_cast<uint32_t>(raw[d]) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    dst[d] = f;
-  }
-  return dst;
+// Element i of a cached row as fp32 (bf16: its bits << 16, which g++ vectorizes inline).
+static inline float ld(const float* p, int64_t i) { return p[i]; }
+static inline float ld(const double* p, int64_t i) { return static_cast<float>(p[i]); }
+static inline float ld(const c10::BFloat16* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
-static inline float dot(const float* a, const float* b, int64_t D) {
-  float acc[16] = {0.f};
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16)
-    for (int i = 0; i < 16; ++i) acc[i] += a[d + i] * b[d + i];
-  float s = 0.f;
-  for (; d < D; ++d) s += a[d] * b[d];
-  for (int i = 0; i < 16; ++i) s += acc[i];
-  return s;
+// out[g * stride] = q_g . k for the G query heads of one KV head: k is read once for all of them.
+template <typename T>
+static inline void dot_heads(const float* q, const T* k, int64_t G, int64_t D, float* out, int64_t stride) {
+  constexpr int W = 16;
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const int64_t ng = std::min<int64_t>(4, G - g0);
+    float acc[4][W] = {};
+    int64_t d = 0;
+    for (; d + W <= D; d += W) {
+      float kv[W];
+      for (int i = 0; i < W; ++i) kv[i] = ld(k, d + i);
+      for (int64_t g = 0; g < ng; ++g) {
+        const float* qg = q + (g0 + g) * D + d;
+        for (int i = 0; i < W; ++i) acc[g][i] += qg[i] * kv[i];
+      }
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      float s = 0.f;
+      for (int64_t e = d; e < D; ++e) s += q[(g0 + g) * D + e] * ld(k, e);
+      for (int i = 0; i < W; ++i) s += acc[g][i];
+      out[(g0 + g) * stride] = s;
+    }
+  }
 }
 
 template <typename T>
@@ -66,7 +73,7 @@ static void decode_impl(const T* q, const T* kc, const T* vc, const int64_t* tab
                         int64_t block_stride, int64_t token_stride, float scale) {
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), scores, sum(G), tmp(D);
+    std::vector<float> qf(G * D), acc(G * D), scores, sum(G);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t L = lens[b];
@@ -77,10 +84,7 @@ static void decode_impl(const T* q, const T* kc, const T* vc, const int64_t* tab
       for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, ++blk) {
         const int64_t n = std::min(bs, L - t0);
         const T* kblock = kc + table[blk] * block_stride + h * D;
-        for (int64_t j = 0; j < n; ++j) {
-          const float* k = row_f32(kblock + j * token_stride, tmp.data(), D);
-          for (int64_t g = 0; g < G; ++g) scores[g * L + t0 + j] = dot(qf.data() + g * D, k, D);
-        }
+        for (int64_t j = 0; j < n; ++j) dot_heads(qf.data(), kblock + j * token_stride, G, D, scores.data() + t0 + j, L);
       }
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * L;
@@ -95,11 +99,11 @@ static void decode_impl(const T* q, const T* kc, const T* vc, const int64_t* tab
         const int64_t n = std::min(bs, L - t0);
         const T* vblock = vc + table[blk] * block_stride + h * D;
         for (int64_t j = 0; j < n; ++j) {
-          const float* v = row_f32(vblock + j * token_stride, tmp.data(), D);
+          const T* v = vblock + j * token_stride;
           for (int64_t g = 0; g < G; ++g) {
             const float p = scores[g * L + t0 + j];
             float* ag = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) ag[d] += p * v[d];
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * ld(v, d);
           }
         }
       }
@@ -154,7 +158,7 @@ def _load():
         started = time.perf_counter()
         log.info("loading the paged decode attention kernel (the first start compiles it with g++, ~1 min; cached)")
         try:
-            _module = load_inline(name="tandem_paged_decode_v2", cpp_sources=[SOURCE], functions=["paged_decode"],
+            _module = load_inline(name="tandem_paged_decode_v3", cpp_sources=[SOURCE], functions=["paged_decode"],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"], extra_ldflags=["-fopenmp"],
                                   verbose=False)
         except Exception as exc:  # noqa: BLE001 - no compiler, no headers...: keep the PyTorch path
