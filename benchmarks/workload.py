@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("TANDEM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 @dataclass

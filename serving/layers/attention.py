@@ -10,6 +10,10 @@ to [b, max_blocks * block_size] keys with a key-padding mask. One call over all 
 sequence to the longest context; with mixed lengths, bucketing measured 2.5-6x faster on CPU. Each
 multi-token chunk gets one call with a causal mask shifted by its start position (plain `is_causal`
 over its own keys when it starts at position 0).
+
+On CPU, when the C++ kernel of serving/layers/paged_kernel.py is available, the single-token chunks are
+instead attended in one call that reads keys and values where they lie in the cache (no gather, no
+padding, no mask); the buckets above are the fallback (CUDA, no compiler, TANDEM_PAGED_KERNEL=0).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.batch import ScheduledChunk
+from serving.layers import paged_kernel
 
 
 @dataclass
@@ -57,11 +62,13 @@ class AttentionMetadata:
     decode_is_prefix: bool              # the single-token chunks are exactly tokens [0, B)
     decode_buckets: list[DecodeBucket]
     prefills: list[PrefillChunk]
+    decode_tables: torch.Tensor | None = None   # [B, max_blocks] block tables for the in-place kernel
+    decode_lens: torch.Tensor | None = None     # [B] context lengths (kernel path; buckets are then empty)
 
     @staticmethod
     def build(chunks: list[ScheduledChunk], block_size: int, device: torch.device,
-              dtype: torch.dtype = torch.float32) -> AttentionMetadata:
-        slots: list[np.ndarray] = []
+              dtype: torch.dtype = torch.float32, head_dim: int | None = None) -> AttentionMetadata:
+        slots: list[int] = []
         decode_rows: list[int] = []
         decode_chunks: list[ScheduledChunk] = []
         prefills: list[PrefillChunk] = []
@@ -73,12 +80,13 @@ class AttentionMetadata:
                 raise ValueError(f"chunk of seq {chunk.seq_id}: {n} tokens at {start} do not fit its "
                                  f"{len(table)} blocks of {block_size}")
             if n == 1:
-                slots.append(np.array([table[start // block_size] * block_size + start % block_size]))
+                slots.append(table[start // block_size] * block_size + start % block_size)
                 decode_rows.append(offset)
                 decode_chunks.append(chunk)
             else:
                 pos = np.arange(start, start + n)
-                slots.append(np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size)
+                slots.extend((np.asarray(table, dtype=np.int64)[pos // block_size] * block_size
+                              + pos % block_size).tolist())
                 num_blocks = (start + n + block_size - 1) // block_size
                 block_ids = torch.tensor(table[:num_blocks], dtype=torch.long, device=device)
                 mask = None
@@ -87,16 +95,32 @@ class AttentionMetadata:
                     mask = _additive(allowed, dtype)
                 prefills.append(PrefillChunk(offset, offset + n, start, block_ids, mask))
             offset += n
-        slot_mapping = torch.from_numpy(np.concatenate(slots).astype(np.int64)).to(device)
-        buckets = _decode_buckets(decode_chunks, block_size, device, dtype)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+        tables = lens = None
+        if decode_chunks and paged_kernel.available(torch.device(device), dtype, head_dim):
+            buckets = []
+            tables, lens = _decode_tables(decode_chunks, block_size)
+        else:
+            buckets = _decode_buckets(decode_chunks, block_size, device, dtype)
         is_prefix = decode_rows == list(range(len(decode_rows)))
         return AttentionMetadata(offset, slot_mapping, torch.tensor(decode_rows, dtype=torch.long, device=device),
-                                 is_prefix, buckets, prefills)
+                                 is_prefix, buckets, prefills, tables, lens)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask (True = attend) as an additive bias, made once per pass instead of inside every layer."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _decode_tables(chunks: list[ScheduledChunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables padded to the longest (the padding is never read) and context lengths, for the kernel."""
+    lens = [c.start_pos + 1 for c in chunks]
+    width = (max(lens) + block_size - 1) // block_size
+    tables = np.zeros((len(chunks), width), dtype=np.int64)
+    for row, (chunk, n) in enumerate(zip(chunks, lens)):
+        used = (n + block_size - 1) // block_size
+        tables[row, :used] = chunk.block_table[:used]
+    return torch.from_numpy(tables), torch.tensor(lens, dtype=torch.long)
 
 
 def _decode_buckets(chunks: list[ScheduledChunk], block_size: int, device: torch.device,
@@ -170,6 +194,9 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     """Attention for all single-token chunks, one padded call per bucket: q [B, H, D] -> [B, H, D].
 
     The query heads sharing a KV head are laid out as that head's "query length" (GQA without copies)."""
+    if meta.decode_tables is not None:
+        return paged_kernel.paged_decode(q, k_cache, v_cache, meta.decode_tables, meta.decode_lens,
+                                         q.shape[-1] ** -0.5 if scale is None else scale)
     if len(meta.decode_buckets) == 1:
         return _decode_bucket_attention(q, k_cache, v_cache, meta.decode_buckets[0], scale)
     out = torch.empty_like(q)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError, FieldError
+from serving.layers.linear import PackedLinear, repack_stale
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class CausalLM(nn.Module):
     tied: bool = False  # the LM head shares the input embedding matrix
     tp_plan: ClassVar[TPPlan] = ()
 
+    def __init__(self):
+        super().__init__()
+        self.head = PackedLinear(self, ("lm_head",))
+
     def input_embeddings(self) -> nn.Embedding:
         raise NotImplementedError
 
@@ -59,10 +64,19 @@ class CausalLM(nn.Module):
         return dict(self.named_parameters(remove_duplicate=False))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.head(hidden)
 
     def after_load(self) -> None:
-        """Rebuild derived buffers (rotary tables) once the weights are on their device."""
+        """Rebuild derived buffers (rotary tables, packed weights) once the weights are on their device."""
+        self.after_weights_changed()
+
+    def after_weights_changed(self) -> int:
+        """Re-pack the linear layers whose weights were written since they were packed (see
+        serving/layers/linear.py); returns how many were. `write_weights` calls it, so every weight write
+        that goes through it (a push, a LoRA merge, a TP rank's slice) is covered; code that writes
+        parameters some other way must call it after. Forgetting is slow, not wrong: a packed layer also
+        checks its weights' version counters on every call."""
+        return repack_stale(self)
 
     def check_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """Pair each tensor with its parameter, raising FieldError naming the first bad one; writes nothing."""
@@ -83,9 +97,11 @@ class CausalLM(nn.Module):
         return pairs
 
     @torch.no_grad()
-    def write_weights(self, pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    def write_weights(self, pairs: list[tuple[nn.Parameter, torch.Tensor]], repack: bool = True) -> None:
         for param, tensor in pairs:
             param.copy_(tensor.to(param.device, param.dtype))
+        if repack:
+            self.after_weights_changed()
 
     def load_checkpoint(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load a whole checkpoint; every parameter must be covered (tied matrices by either name)."""
@@ -96,7 +112,7 @@ class CausalLM(nn.Module):
                 logger.warning("checkpoint tensor %s is not a parameter of %s; ignored", name, type(self).__name__)
                 continue
             pairs = self.check_weights([(name, tensor)])
-            self.write_weights(pairs)
+            self.write_weights(pairs, repack=False)       # packed once, by after_load below
             loaded.update(id(param) for param, _ in pairs)
         missing = [n for n, p in table.items() if id(p) not in loaded]
         if missing:

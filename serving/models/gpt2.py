@@ -7,19 +7,8 @@ from torch import nn
 
 from serving.layers.activations import get_activation
 from serving.layers.attention import AttentionMetadata, paged_attention
+from serving.layers.linear import Conv1D, PackedLinear
 from serving.models.base import CausalLM, Shard
-
-
-class Conv1D(nn.Module):
-    """HF GPT-2's linear layer: y = x @ weight + bias with weight [in, out]."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight)
 
 
 class GPT2Attention(nn.Module):
@@ -32,10 +21,12 @@ class GPT2Attention(nn.Module):
             self.scaling /= float(layer_idx + 1)
         self.c_attn = Conv1D(dim, 3 * dim)
         self.c_proj = Conv1D(dim, dim)
+        self.qkv = PackedLinear(self, ("c_attn",), transposed=True)
+        self.out = PackedLinear(self, ("c_proj",), transposed=True)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        return self.c_proj(paged_attention(q, k.contiguous(), v.contiguous(), kv_cache, meta, scale=self.scaling))
+        q, k, v = self.qkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
+        return self.out(paged_attention(q, k.contiguous(), v.contiguous(), kv_cache, meta, scale=self.scaling))
 
 
 class GPT2MLP(nn.Module):
@@ -45,9 +36,11 @@ class GPT2MLP(nn.Module):
         self.c_fc = Conv1D(cfg.hidden_size, inner)
         self.c_proj = Conv1D(inner, cfg.hidden_size)
         self.act = get_activation(cfg.activation_function)
+        self.fc = PackedLinear(self, ("c_fc",), transposed=True)
+        self.proj = PackedLinear(self, ("c_proj",), transposed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        return self.proj(self.act(self.fc(x)))
 
 
 class GPT2Block(nn.Module):

@@ -7,6 +7,7 @@ from torch import nn
 
 from serving.layers.activations import get_activation
 from serving.layers.attention import AttentionMetadata, paged_attention
+from serving.layers.linear import PackedLinear
 from serving.layers.norms import RMSNorm
 from serving.layers.rotary import RotaryEmbedding, rope_settings
 from serving.models.base import CausalLM, Shard
@@ -24,14 +25,17 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.qkv = PackedLinear(self, ("q_proj", "k_proj", "v_proj"))   # one packed call for q, k and v
+        self.out = PackedLinear(self, ("o_proj",))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = RotaryEmbedding.apply(q, k, rope)
-        return self.o_proj(paged_attention(q, k, v, kv_cache, meta))
+        return self.out(paged_attention(q, k, v, kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -44,9 +48,12 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.act = get_activation(getattr(cfg, "hidden_act", "silu"))
+        self.gate_up = PackedLinear(self, ("gate_proj", "up_proj"))
+        self.down = PackedLinear(self, ("down_proj",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -93,6 +100,7 @@ class LlamaForCausalLM(CausalLM):
     def after_load(self) -> None:
         weight = self.model.embed_tokens.weight
         self.model.rotary_emb.build(weight.device, weight.dtype)
+        super().after_load()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from serving.layers.activations import get_activation
 from serving.layers.attention import AttentionMetadata, paged_attention
+from serving.layers.linear import PackedLinear
 from serving.models.base import CausalLM, Shard
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -23,12 +24,15 @@ class OPTAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=bias)
         self.v_proj = nn.Linear(dim, dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.qkv = PackedLinear(self, ("q_proj", "k_proj", "v_proj"))
+        self.out = PackedLinear(self, ("out_proj",))
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         shape = (-1, self.num_heads, self.head_dim)
-        q = (self.q_proj(x) * self.scaling).view(shape)  # OPT scales q before the product, as HF does
-        k, v = self.k_proj(x).view(shape), self.v_proj(x).view(shape)
-        return self.out_proj(paged_attention(q, k, v, kv_cache, meta, scale=1.0))
+        q, k, v = self.qkv(x)
+        q = (q * self.scaling).view(shape)  # OPT scales q before the product, as HF does
+        k, v = k.view(shape), v.view(shape)
+        return self.out(paged_attention(q, k, v, kv_cache, meta, scale=1.0))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -45,6 +49,8 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, dim, bias=bias)
         self.final_layer_norm = nn.LayerNorm(dim, elementwise_affine=affine)
         self.act = get_activation(cfg.activation_function)
+        self.fc1_packed = PackedLinear(self, ("fc1",))
+        self.fc2_packed = PackedLinear(self, ("fc2",))
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x) if self.pre_norm else x
@@ -52,7 +58,7 @@ class OPTDecoderLayer(nn.Module):
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + self.fc2(self.act(self.fc1(h)))
+        x = x + self.fc2_packed(self.act(self.fc1_packed(h)))
         return x if self.pre_norm else self.final_layer_norm(x)
 
 

@@ -1,0 +1,56 @@
+"""The in-place paged decode kernel against the PyTorch (gathered, bucketed SDPA) path it replaces."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from serving.batch import ScheduledChunk
+from serving.layers import attention, paged_kernel
+
+pytestmark = pytest.mark.skipif(not paged_kernel.available(torch.device("cpu"), torch.float32),
+                                reason="the paged decode kernel could not be built here (no compiler?)")
+
+
+def _metadata(chunks, block_size, dtype, kernel: bool):
+    real = paged_kernel.available
+    paged_kernel.available = real if kernel else (lambda *a, **k: False)
+    try:
+        return attention.AttentionMetadata.build(chunks, block_size, torch.device("cpu"), dtype)
+    finally:
+        paged_kernel.available = real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (8, 2, 48)])
+def test_kernel_matches_the_gathered_path_with_mixed_chunks(dtype, heads, kv_heads, head_dim):
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    block_size, num_blocks = 16, 128
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    chunks, tokens = [], 0
+    for seq, (n, start) in enumerate([(1, 0), (1, 15), (1, 16), (5, 40), (1, 200), (1, 77), (9, 0), (1, 31)]):
+        need = (start + n + block_size - 1) // block_size
+        table, free = free[:need], free[need:]
+        chunks.append(ScheduledChunk(seq, [1] * n, start, table, True))
+        tokens += n
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    q = torch.randn(tokens, heads, head_dim, dtype=dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype)
+    v = torch.randn(tokens, kv_heads, head_dim, dtype=dtype)
+    fast = _metadata(chunks, block_size, dtype, kernel=True)
+    slow = _metadata(chunks, block_size, dtype, kernel=False)
+    assert fast.decode_tables is not None and not fast.decode_buckets and slow.decode_tables is None
+    out_fast = attention.paged_attention(q, k, v, cache.clone(), fast)
+    out_slow = attention.paged_attention(q, k, v, cache.clone(), slow)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out_fast.float(), out_slow.float(), **tol)
+    assert out_fast.dtype == dtype and out_fast.shape == (tokens, heads * head_dim)
+
+
+def test_small_heads_keep_the_pytorch_path():
+    assert not paged_kernel.available(torch.device("cpu"), torch.float32, head_dim=16)
+    assert not paged_kernel.available(torch.device("cpu"), torch.float16)
