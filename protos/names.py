@@ -13,3 +13,11 @@ FINISH_TO_PROTO = {
     "abort": tandem_pb2.FINISH_REASON_ABORT,
 }
 FINISH_FROM_PROTO = {code: reason for reason, code in FINISH_TO_PROTO.items()}
+
+
+def reflected_services() -> tuple[str, ...]:
+    """What a reflection client (grpcurl, grpcui) can list and call on a server or balancer without the .proto."""
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection
+
+    return (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

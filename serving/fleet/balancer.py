@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from common.errors import ConfigError
 from protos import tandem_pb2
 from protos.auth import PushAuth, ServerTLS, add_port, channel_credentials, open_channel
-from protos.names import SERVICE_NAME
+from protos.names import SERVICE_NAME, reflected_services
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class Balancer:
         handlers["PushWeights"] = grpc.stream_unary_rpc_method_handler(self._push)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(reflected_services(), self._server)   # the balancer imports tandem_pb2
         self._checker = threading.Thread(target=self._check_health, name="balancer-health", daemon=True)
 
     @staticmethod

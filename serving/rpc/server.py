@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from common.errors import ConfigError, InvalidRequest
 from protos import tandem_pb2, tandem_pb2_grpc
 from protos.auth import ServerTLS, add_port
-from protos.names import SERVICE_NAME
+from protos.names import SERVICE_NAME, reflected_services
 from serving.engine.config import EngineConfig
 from serving.engine.loop import EngineDead, EngineLoop, RequestStream
 from serving.limits import Admission, RequestLimits, ServerFull
@@ -42,9 +42,6 @@ from serving.rpc.experience import ExperienceHandler
 
 log = logging.getLogger(__name__)
 
-# what a reflection client (grpcurl, grpcui) can list and call without the .proto file
-REFLECTED_SERVICES = (tandem_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-                      health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
 
 
 @dataclass
@@ -236,7 +233,7 @@ class GenerationServer:
                                          metrics=self.metrics)
         tandem_pb2_grpc.add_GenerationServicer_to_server(self.service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(REFLECTED_SERVICES, self._grpc)
+        reflection.enable_server_reflection(reflected_services(), self._grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     @property

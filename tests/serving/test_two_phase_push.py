@@ -109,6 +109,14 @@ def test_through_a_balancer_a_push_one_replica_refuses_is_applied_by_none(tinyst
         assert [current_version(a) for a in addresses] == [5, 0]         # replica 1 did not take v3 either
         report = push_weights(balancer.address, tensors, token=TOKEN, version=6)
         assert report.version == 6 and [current_version(a) for a in addresses] == [6, 6]
+
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+        with grpc.insecure_channel(balancer.address) as channel:      # the balancer reflects the contract too
+            db = ProtoReflectionDescriptorDatabase(channel)
+            assert {"tandem.v1.Generation", "grpc.health.v1.Health"} <= set(db.get_services())
+            methods = {m.name for m in db.FindFileContainingSymbol("tandem.v1.Generation").service[0].method}
+            assert {"Generate", "PushWeights", "FinishPush"} <= methods
     finally:
         if balancer is not None:
             balancer.stop(0)
