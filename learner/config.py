@@ -143,6 +143,7 @@ class PPOConfig(CommonConfig):
     lam: float = 0.95
     whiten_advantages: bool = True
     normalize_reward: bool = False      # running mean/std of the reward score
+    missing_eos_penalty: float = 0.0    # subtracted from the score of a response cut at max_new_tokens (no EOS)
     ema_decay: float = 0.0              # 0 = no EMA copy; DS-Chat uses 0.992
     ptx_coef: float = 0.0               # DS-Chat unsup_coef is 27.8 with its own data
     ptx_data: list[str] = field(default_factory=list)
@@ -178,7 +179,7 @@ class PPOConfig(CommonConfig):
             raise ConfigError("temperature", f"must be > 0 for PPO sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
-        for name in ("kl_coef", "clip_reward_value", "cliprange", "cliprange_value", "ptx_coef"):
+        for name in ("kl_coef", "clip_reward_value", "cliprange", "cliprange_value", "ptx_coef", "missing_eos_penalty"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:

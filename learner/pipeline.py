@@ -42,10 +42,13 @@ DEEPSPEED: dict[str, Any] = {"zero_stage": 0}
 SFT_DEFAULTS: dict[str, Any] = {"epochs": 2, "batch_size": 16, "learning_rate": 5e-4}
 REWARD_DEFAULTS: dict[str, Any] = {"epochs": 6, "batch_size": 16, "learning_rate": 1e-3}
 # normalize_reward: the reward model's scores spread over about +-8 here, so clip_reward_value (5) cut most of
-# the top off and PPO stopped telling a right polite answer from a wrong polite one; z-scored, the clip rarely bites
+# the top off and PPO stopped telling a right polite answer from a wrong polite one; z-scored, the clip rarely bites.
+# missing_eos_penalty: every pair the reward model learned from ends with EOS, so a response cut at max_new_tokens is
+# out of its distribution; on seed 5 PPO found that filler repeated to the cut scored well (gold 76 -> 49)
 PPO_DEFAULTS: dict[str, Any] = {"iterations": 120, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2,
                                 "max_prompt_len": 16, "max_new_tokens": 24, "actor_learning_rate": 1e-4,
-                                "critic_learning_rate": 5e-4, "kl_coef": 0.1, "normalize_reward": True}
+                                "critic_learning_rate": 5e-4, "kl_coef": 0.1, "normalize_reward": True,
+                                "missing_eos_penalty": 2.0}
 # the critic-free algorithms: the same 32 responses per iteration, as 8 prompts x 4 samples for the group baselines
 ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "ppo": {},

@@ -89,6 +89,9 @@ class PPOTrainer:
         if self.config.normalize_reward:
             self.reward_stats.update(raw_score)
             score = self.reward_stats.normalize(raw_score)
+        if self.config.missing_eos_penalty > 0:   # the reward model never saw a response without its EOS
+            unfinished = torch.tensor([r.finish_reason != "stop" for r in rollouts], device=score.device)
+            score = score - self.config.missing_eos_penalty * unfinished.to(score.dtype)
         rewards, advantages, returns = self.advantages(logprobs, ref_logprobs, values, score, mask)
         return ExperienceBatch(
             input_ids=ids, attention_mask=attn, action_mask=mask, logprobs=logprobs * mask,

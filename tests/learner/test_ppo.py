@@ -204,3 +204,17 @@ def test_group_algorithms_refuse_one_sample_per_prompt(run_dir):
     with pytest.raises(ConfigError) as err:
         _config(run_dir, algo="dpo")
     assert err.value.field == "algo"
+
+
+def test_a_response_cut_before_its_eos_pays_the_missing_eos_penalty(run_dir):
+    config = _config(run_dir, missing_eos_penalty=3.0)
+    models = load_models(config)
+    tok = models.tokenizer
+    prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES, THINGS)]
+    rollouts = LocalRolloutSource(models.actor, tok).generate(prompts, SamplingParams(max_new_tokens=3, seed=1))
+    rollouts[0].finish_reason = "stop"                     # one that ended, whatever generate did
+    cut = torch.tensor([r.finish_reason != "stop" for r in rollouts], dtype=torch.float32)
+    assert 0 < cut.sum() < len(rollouts)
+    trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
+    exp = trainer.make_experience(rollouts)
+    torch.testing.assert_close(exp.score, exp.raw_score - 3.0 * cut)
