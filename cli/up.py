@@ -9,6 +9,8 @@ import sys
 
 
 def register(subparsers) -> None:
+    from learner.config import ALGOS
+
     p = subparsers.add_parser("up", help="the main job: serve a model and train it with RLHF through the server",
                               description=__doc__)
     p.add_argument("--run-dir", default="runs/up", metavar="DIR", help="where checkpoints, logs and plots go")
@@ -18,6 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--ranks", type=int, default=1, metavar="N", help="learner ranks (deepspeed launcher when > 1)")
     p.add_argument("--zero-stage", type=int, default=-1, metavar="S", help="ZeRO stage (default: 0 for 1 rank, else 3)")
     p.add_argument("--iterations", type=int, default=0, metavar="N", help="PPO iterations (default: the pipeline's)")
+    p.add_argument("--algo", default="ppo", choices=ALGOS,
+                   help="step 3's algorithm: PPO (critic, GAE) or a critic-free one (default: %(default)s)")
     p.add_argument("--max-staleness", type=int, default=1, metavar="K",
                    help="weight versions a rollout may lag the learner (0: no overlap)")
     p.add_argument("--push-quantize", default="none", choices=("none", "bfloat16", "int8", "int4"),
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = UpConfig(run_dir=args.run_dir, model=args.model, data=args.data, seed=args.seed, ranks=args.ranks,
-                          zero_stage=args.zero_stage, iterations=args.iterations, max_staleness=args.max_staleness,
+                          zero_stage=args.zero_stage, iterations=args.iterations, algo=args.algo,
+                          max_staleness=args.max_staleness,
                           push_quantize=args.push_quantize, summary=args.summary, learner_threads=args.learner_threads,
                           overrides=parse_overrides(args.set)).validate()
     except ConfigError as err:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from common.errors import ConfigError
 
 STEPS = ("sft", "reward", "ppo")
+ALGOS = ("ppo", "grpo", "rloo", "reinforce++")    # step 3's advantage estimators (learner.ppo.advantages)
+GROUP_ALGOS = ("grpo", "rloo")                    # those whose baseline is the other samples of the prompt
 
 
 @dataclass
@@ -121,6 +123,8 @@ class PPOConfig(CommonConfig):
     reward_model: str = ""              # "" = <run>/reward
     rollout: str = "local"              # local (HF generate in the learner) | remote (the generation server)
     server: str = ""                    # host:port for rollout = remote
+    algo: str = "ppo"                   # ppo (critic, GAE) | grpo | rloo | reinforce++ (critic-free)
+    samples_per_prompt: int = 0         # responses per prompt per iteration; 0 = 1 for ppo/reinforce++, 4 for grpo/rloo
     iterations: int = 20                # PPO iterations (one rollout batch each)
     rollout_batch_size: int = 16        # prompts per iteration (per rank)
     max_prompt_len: int = 128
@@ -137,11 +141,13 @@ class PPOConfig(CommonConfig):
     kl_horizon: int = 10000
     clip_reward_value: float = 5.0
     cliprange: float = 0.2
+    cliprange_high: float = 0.0         # upper clip of the ratio (DAPO's clip-higher, e.g. 0.28); 0 = cliprange
     cliprange_value: float = 0.2
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
     normalize_reward: bool = False      # running mean/std of the reward score
+    missing_eos_penalty: float = 0.0    # subtracted from the score of a response cut at max_new_tokens (no EOS)
     ema_decay: float = 0.0              # 0 = no EMA copy; DS-Chat uses 0.992
     ptx_coef: float = 0.0               # DS-Chat unsup_coef is 27.8 with its own data
     ptx_data: list[str] = field(default_factory=list)
@@ -159,6 +165,16 @@ class PPOConfig(CommonConfig):
         super().validate()
         if self.rollout not in ("local", "remote"):
             raise ConfigError("rollout", f"must be local or remote, got {self.rollout!r}")
+        if self.algo not in ALGOS:
+            raise ConfigError("algo", f"must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        if self.samples_per_prompt < 0:
+            raise ConfigError("samples_per_prompt", f"must be >= 0 (0 = the algorithm's default), got "
+                                                    f"{self.samples_per_prompt}")
+        if self.algo in GROUP_ALGOS and self.samples_per_prompt == 1:
+            raise ConfigError("samples_per_prompt", f"{self.algo} needs >= 2 samples per prompt (its baseline is "
+                                                    "the other samples of the same prompt)")
+        if self.cliprange_high < 0:
+            raise ConfigError("cliprange_high", f"must be >= 0, got {self.cliprange_high}")
         if self.rollout == "remote" and not self.server:
             raise ConfigError("server", "rollout=remote needs server HOST:PORT")
         for name in ("iterations", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "ppo_epochs",
@@ -172,7 +188,7 @@ class PPOConfig(CommonConfig):
             raise ConfigError("temperature", f"must be > 0 for PPO sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
-        for name in ("kl_coef", "clip_reward_value", "cliprange", "cliprange_value", "ptx_coef"):
+        for name in ("kl_coef", "clip_reward_value", "cliprange", "cliprange_value", "ptx_coef", "missing_eos_penalty"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -188,6 +204,13 @@ class PPOConfig(CommonConfig):
         if self.max_staleness < 0:
             raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
         return self
+
+
+def samples_per_prompt(config: PPOConfig) -> int:
+    """The responses drawn per prompt per iteration: the config's, or the algorithm's default."""
+    if config.samples_per_prompt:
+        return config.samples_per_prompt
+    return 4 if config.algo in GROUP_ALGOS else 1
 
 
 CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}

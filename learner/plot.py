@@ -78,3 +78,48 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             written.append(png)
             log.info("plotted %s -> %s", path, png)
     return written
+
+
+def plot_story(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
+    """The one picture of an RL run: the learned (proxy) reward and the hidden gold score of the sampled
+    rollouts over iterations, with the greedy gold before and after as points (left); the KL to the
+    reference beside it (right). A proxy that keeps rising while gold stalls or falls is reward hacking.
+    None when the file has no reward curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = series(read_metrics(Path(metrics_path)))
+    if "reward_score" not in curves:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    steps, values = curves["reward_score"]
+    left.plot(steps, values, color="tab:blue", linewidth=1.2, label="proxy reward (reward model)")
+    left.set_xlabel("iteration")
+    left.set_ylabel("proxy reward", color="tab:blue")
+    left.grid(alpha=0.3)
+    handles = left.get_lines()
+    if "gold_score" in curves or "gold_eval" in curves:
+        gold_ax = left.twinx()
+        if "gold_score" in curves:
+            gold_ax.plot(*curves["gold_score"], color="tab:orange", linewidth=1.2, label="gold, sampled rollouts")
+        if "gold_eval" in curves:
+            gold_ax.plot(*curves["gold_eval"], "o", color="tab:red", markersize=7, label="gold, greedy (eval prompts)")
+        gold_ax.set_ylabel("gold score (hidden judge, 0-100)", color="tab:orange")
+        handles = handles + gold_ax.get_lines()
+    left.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower right")
+    left.set_title("learned reward vs the hidden gold judge", fontsize=10)
+    if "kl" in curves:
+        right.plot(*curves["kl"], color="tab:green", linewidth=1.2)
+    right.set_title("KL to the reference (nats per response)", fontsize=10)
+    right.set_xlabel("iteration")
+    right.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -170,3 +170,22 @@ def test_staleness_bound_prefetch_and_regeneration(server, stub, tinystories_pat
         source.prefetch(PROMPTS[:1], params)          # a different batch than the one asked for is not used
         other = source.generate(PROMPTS[1:2], params)
         assert other[0].prompt_ids == PROMPTS[1] and source.last_stats["rollout_prefetched"] == 0.0
+
+
+def test_group_rollouts_come_prompt_major_and_a_prefetch_must_match_the_group_size(server, stub):
+    """GRPO/RLOO ask for several samples of each prompt in one StreamExperience call; the source returns them
+    prompt-major with distinct samples, and a prefetched batch of another group size is not reused."""
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5)
+    with RemoteRolloutSource(server.address, max_staleness=1, learner_version=status(stub).weight_version) as source:
+        group = source.generate(PROMPTS[:2], params, 3)
+        assert [r.prompt_ids for r in group] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+        assert [r.meta["sample_index"] for r in group] == [0, 1, 2, 0, 1, 2]
+        assert len({tuple(r.response_ids) for r in group[:3]}) > 1      # three samples, not one repeated
+        assert source.last_stats["rollout_fresh"] == 6
+        source.prefetch(PROMPTS[2:], params, 2)
+        single = source.generate(PROMPTS[2:], params)                  # asked with 1 sample: generated afresh
+        assert len(single) == 2 and source.last_stats["rollout_prefetched"] == 0.0
+        source.prefetch(PROMPTS[2:], params, 2)
+        paired = source.generate(PROMPTS[2:], params, 2)
+        assert len(paired) == 4 and source.last_stats["rollout_prefetched"] == 1.0
+    wait_idle(stub)

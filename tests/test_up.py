@@ -43,7 +43,15 @@ def test_reduced_tandem_up_serves_every_pushed_version_and_writes_the_summary(tm
     versions = s["weight_versions_pushed"]               # the SFT weights, then one per PPO iteration
     assert versions == list(range(versions[0], versions[0] + ITERATIONS + 1)) and versions[0] >= 1
     assert s["served_version"] == versions[-1] and "ppo iteration" in s["served_origin"]
-    assert s["sample"]["weight_version"] == versions[-1] and s["sample"]["completion"]
+    # the ending: SFT and served greedy answers to the fixed held-out prompts, side by side with gold scores
+    from learner.task import gold_score, showcase_prompts
+
+    shown = s["side_by_side"]
+    assert [r["prompt"] for r in shown] == showcase_prompts()
+    for r in shown:
+        assert r["weight_version"] == versions[-1] and r["served"]
+        assert r["served_gold"] == gold_score(r["prompt"], " " + r["served"]) and 0 <= r["sft_gold"] <= 100
+    assert "SFT model -> served model" in done.stdout and shown[0]["served"] in done.stdout
     # the learner's fp32 actor and the served copy of it answer the eval prompts alike
     assert abs(s["gold_after_served"] - s["gold_after"]) < 5.0, s
     assert s["bytes_pushed"] > 0 and s["tensors_per_push"] > 0 and s["swap_ms_max"] >= 0
@@ -53,7 +61,8 @@ def test_reduced_tandem_up_serves_every_pushed_version_and_writes_the_summary(tm
     for stage in ("model_s", "server_start_s", "sft_s", "reward_s", "ppo_s", "total_s"):
         assert s["stage_wall_s"][stage] >= 0, stage
     assert [row["iteration"] for row in s["reward_curve"]] == list(range(1, ITERATIONS + 1))
-    assert any(p.endswith(".png") for p in s["plots"])
+    assert s["story_plot"].endswith("story.png") and (tmp_path / "run" / "story.png").stat().st_size > 0
+    assert any(p.endswith(".png") for p in s["plots"]) and s["story_plot"] not in s["plots"]   # the grid, too
     server_log = (tmp_path / "run" / "server.log").read_text()
     for version in versions:                          # each version was swapped in on the server
         assert re.search(rf"weights v{version} in force", server_log), version
@@ -89,6 +98,7 @@ def test_ctrl_c_stops_the_learner_and_the_server(tmp_path):
     ("ranks", UpConfig(ranks=0)), ("max_staleness", UpConfig(max_staleness=-1)),
     ("push_quantize", UpConfig(push_quantize="int3")), ("model", UpConfig(model="/no/such/folder")),
     ("overrides", UpConfig(overrides={"rlhf": {}})), ("zero_stage", UpConfig(zero_stage=5)),
+    ("algo", UpConfig(algo="dpo")),
 ])
 def test_bad_up_options_name_the_field(field, config):
     with pytest.raises(ConfigError) as info:

@@ -41,9 +41,28 @@ COMMON: dict[str, Any] = {"data": [f"embedded:{SAMPLES}"], "data_split": "2,4,4"
 DEEPSPEED: dict[str, Any] = {"zero_stage": 0}
 SFT_DEFAULTS: dict[str, Any] = {"epochs": 2, "batch_size": 16, "learning_rate": 5e-4}
 REWARD_DEFAULTS: dict[str, Any] = {"epochs": 6, "batch_size": 16, "learning_rate": 1e-3}
-PPO_DEFAULTS: dict[str, Any] = {"iterations": 80, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2,
+# normalize_reward: the reward model's scores spread over about +-8 here, so clip_reward_value (5) cut most of
+# the top off and PPO stopped telling a right polite answer from a wrong polite one; z-scored, the clip rarely bites.
+# missing_eos_penalty: every pair the reward model learned from ends with EOS, so a response cut at max_new_tokens is
+# out of its distribution; on seed 5 PPO found that filler repeated to the cut scored well (gold 76 -> 49)
+PPO_DEFAULTS: dict[str, Any] = {"iterations": 120, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2,
                                 "max_prompt_len": 16, "max_new_tokens": 24, "actor_learning_rate": 1e-4,
-                                "critic_learning_rate": 5e-4, "kl_coef": 0.3}
+                                "critic_learning_rate": 5e-4, "kl_coef": 0.1, "normalize_reward": True,
+                                "missing_eos_penalty": 2.0}
+# the critic-free algorithms: the same 32 responses per iteration, as 8 prompts x 4 samples for the group baselines
+ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppo": {},
+    "grpo": {"rollout_batch_size": 8, "samples_per_prompt": 4, "cliprange_high": 0.28},
+    "rloo": {"rollout_batch_size": 8, "samples_per_prompt": 4},
+    "reinforce++": {},
+}
+
+
+def ppo_defaults(algo: str = "ppo") -> dict[str, Any]:
+    """Step 3's defaults on the embedded task for `algo` (ConfigError naming `algo` when unknown)."""
+    if algo not in ALGO_DEFAULTS:
+        raise ConfigError("algo", f"must be one of {', '.join(ALGO_DEFAULTS)}, got {algo!r}")
+    return {**PPO_DEFAULTS, **ALGO_DEFAULTS[algo], "algo": algo}
 
 
 def _config(cls, run_dir: Path, step: str, seed: int, model: str, overrides: dict[str, Any] | None):
@@ -67,12 +86,13 @@ def build_config(cls, values: dict[str, Any], ds_values: dict[str, Any]):
 
 def run_pipeline(run_dir: str | Path, *, seed: int = 1234, model: str = "", sft: dict[str, Any] | None = None,
                  reward: dict[str, Any] | None = None, ppo: dict[str, Any] | None = None,
-                 threads: int = 1, samples: int = SAMPLES) -> dict:
+                 threads: int = 1, samples: int = SAMPLES, algo: str = "ppo") -> dict:
     """SFT, reward model and PPO on the embedded task in this process; returns the headline figures.
 
     `sft`/`reward`/`ppo` override fields of the step configs (a "deepspeed" key takes a dict of
     DeepSpeedOptions fields); `model` defaults to the embedded model (pre-trained on first use).
     `samples` is the size of the embedded data pool that data_split cuts for the three steps.
+    `algo` picks step 3's algorithm (ppo, grpo, rloo, reinforce++) with its defaults (ALGO_DEFAULTS).
     `threads` sets torch's intra-op threads for the run (a 64-wide model gains nothing from more; they contend).
     """
     run_dir = Path(run_dir)
@@ -83,7 +103,7 @@ def run_pipeline(run_dir: str | Path, *, seed: int = 1234, model: str = "", sft:
     began = time.perf_counter()
     sft_config = _config(SFTConfig, run_dir, "sft", seed, model, {**SFT_DEFAULTS, **(sft or {})})
     reward_config = _config(RewardConfig, run_dir, "reward", seed, model, {**REWARD_DEFAULTS, **(reward or {})})
-    ppo_overrides = {**PPO_DEFAULTS, "actor_model": str(run_dir / "sft"), "critic_model": str(run_dir / "reward"),
+    ppo_overrides = {**ppo_defaults(algo), "actor_model": str(run_dir / "sft"), "critic_model": str(run_dir / "reward"),
                      "reward_model": str(run_dir / "reward"), **(ppo or {})}
     ppo_config = _config(PPOConfig, run_dir, "ppo", seed, "", ppo_overrides)
     model = model or str(default_model_path())      # configs are checked first: a typo fails before pre-training
@@ -117,7 +137,8 @@ def run_pipeline(run_dir: str | Path, *, seed: int = 1234, model: str = "", sft:
 
     if "gold_before" not in ppo_result or "gold_after" not in ppo_result:
         raise RuntimeError(f"run_ppo reported no gold scores (data {ppo_config.data}): is it the embedded task?")
-    summary = {"seed": seed, "gold_before": ppo_result["gold_before"], "gold_after": ppo_result["gold_after"],
+    summary = {"seed": seed, "algo": ppo_config.algo, "gold_before": ppo_result["gold_before"],
+               "gold_after": ppo_result["gold_after"],
                "gold_gain": ppo_result["gold_after"] - ppo_result["gold_before"], **sampled,
                "gold_sampled_gain": sampled["gold_sampled_after"] - sampled["gold_sampled_before"],
                "reward_accuracy": reward_result.get("eval_accuracy", float("nan")),
@@ -138,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--model", default="", help="local HF folder (default: the embedded model)")
     parser.add_argument("--iterations", type=int, default=PPO_DEFAULTS["iterations"], help="PPO iterations")
+    parser.add_argument("--algo", default="ppo", choices=tuple(ALGO_DEFAULTS), help="step 3's algorithm")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        summary = run_pipeline(args.run_dir, seed=args.seed, model=args.model, ppo={"iterations": args.iterations})
+        summary = run_pipeline(args.run_dir, seed=args.seed, model=args.model, ppo={"iterations": args.iterations},
+                               algo=args.algo)
     except ConfigError as e:
         print(f"error: {e}")
         return 2

@@ -7,8 +7,10 @@
 3. the learner as a child process (`python -m learner.jobs.up_worker`, or the deepspeed launcher for
    several ranks): SFT, reward model, then PPO whose rollouts come from the server, overlapped with
    training under bounded staleness, with the actor pushed to the server after every iteration;
-4. the figures: gold score before/after PPO (and of the served model), reward-model accuracy, the
-   reward curve (also PNGs), the weight-sync figures, and a completion from the improved model, live.
+4. the figures: gold score before/after RL (and of the served model), reward-model accuracy, the
+   reward curve (proxy reward beside gold and KL), the weight-sync figures, and the SFT model's and the
+   served model's greedy answers to a few fixed held-out prompts side by side with their gold scores;
+   <run>/story.png draws proxy reward against gold with KL beside it, the per-step grids stay as well.
 Ctrl-C stops the learner, then the server (gracefully), and exits 130.
 """
 
@@ -42,6 +44,7 @@ class UpConfig:
     ranks: int = 1                   # learner ranks (the deepspeed launcher when > 1)
     zero_stage: int = -1             # -1: 0 for one rank, 3 for several
     iterations: int = 0              # PPO iterations; 0 = the pipeline's default
+    algo: str = "ppo"                # step 3: ppo | grpo | rloo | reinforce++
     max_staleness: int = 1           # weight versions a rollout sample may lag the learner
     push_quantize: str = "none"      # none | bfloat16 | int8 | int4 on the wire
     summary: str = ""                # write the final figures here as JSON
@@ -61,6 +64,10 @@ class UpConfig:
             raise ConfigError("zero_stage", f"must be 0..3 (or -1 for automatic), got {self.zero_stage}")
         if self.iterations < 0:
             raise ConfigError("iterations", f"must be >= 1 (0 = default), got {self.iterations}")
+        from learner.config import ALGOS
+
+        if self.algo not in ALGOS:
+            raise ConfigError("algo", f"must be one of {', '.join(ALGOS)}, got {self.algo!r}")
         if self.max_staleness < 0:
             raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
         if self.push_quantize not in PUSH_ENCODINGS:
@@ -120,7 +127,7 @@ def run_up(config: UpConfig) -> dict:
         print(f"tandem up: OpenAI-compatible API on http://{host}:{http_port}/v1, metrics on "
               f"http://{host}:{http_port}/metrics", flush=True)
         spec = {"run_dir": str(run_dir), "server": server.address, "token_file": str(token_file), "model": model,
-                "seed": config.seed, "data": config.data, "iterations": config.iterations,
+                "seed": config.seed, "data": config.data, "iterations": config.iterations, "algo": config.algo,
                 "max_staleness": config.max_staleness, "encoding": PUSH_ENCODINGS[config.push_quantize],
                 "deepspeed": {"zero_stage": config.zero_stage if config.zero_stage >= 0 else
                               (0 if config.ranks == 1 else 3), "num_ranks": config.ranks},

@@ -53,6 +53,27 @@ def sampled_gold(address: str, model: str, run_dir: Path, learned: dict) -> dict
     return out
 
 
+def side_by_side(client, model: str, run_dir: Path, learned: dict, gold_data: bool) -> list[dict]:
+    """The SFT checkpoint's greedy answers (HF, here) and the served model's (over gRPC) to a few fixed
+    prompts no training sample asks, with their gold scores on the embedded task."""
+    from learner.modeling import load_tokenizer
+    from learner.task import gold_score, greedy_answers, showcase_prompts
+
+    prompts = showcase_prompts() if gold_data else ["Once upon a time"]
+    new = learned["max_new_tokens"]
+    sft = greedy_answers(run_dir / "sft", prompts, new)
+    tokenizer = load_tokenizer(model)
+    ids = [tokenizer(p).input_ids[-learned["max_prompt_len"]:] for p in prompts]
+    served = client.generate(ids, temperature=0, max_new_tokens=new, timeout=60)
+    rows = []
+    for prompt, before, after in zip(prompts, sft, served):
+        rows.append({"prompt": prompt, "sft": before.strip(), "served": after.text.strip(),
+                     "weight_version": after.weight_version,
+                     "sft_gold": gold_score(prompt, before) if gold_data else None,
+                     "served_gold": gold_score(prompt, after.text) if gold_data else None})
+    return rows
+
+
 def reward_curve(run_dir: Path) -> list[dict]:
     path = run_dir / "ppo" / "metrics.jsonl"
     if not path.is_file():
@@ -75,7 +96,7 @@ def _curve_lines(curve: list[dict]) -> list[str]:
 def finish(config, learned: dict, address: str, model: str, times: dict, began: float) -> dict:
     """Query the live server, draw the plots, print the figures; the summary dict."""
     from clients.client import TandemClient
-    from learner.plot import plot_run
+    from learner.plot import plot_run, plot_story
     from learner.ppo.gold import has_gold_judge
 
     run_dir = Path(config.run_dir).resolve()
@@ -86,19 +107,21 @@ def finish(config, learned: dict, address: str, model: str, times: dict, began: 
         if gold_data:
             served, pairs = served_gold(client, model, learned["seed"], learned["max_prompt_len"],
                                         learned["max_new_tokens"])
-        prompt = pairs[0][0] if pairs else "Once upon a time"
         t = time.perf_counter()
-        [sample] = client.generate(prompt, temperature=0, max_new_tokens=learned["max_new_tokens"], timeout=60)
-        sample_s = time.perf_counter() - t
+        shown = side_by_side(client, model, run_dir, learned, gold_data)
+        shown_s = time.perf_counter() - t
     if status.weight_version != learned["final_version"]:
         raise RuntimeError(f"the server serves v{status.weight_version}, not the last pushed v{learned['final_version']}")
     sampled = sampled_gold(address, model, run_dir, learned) if gold_data else {}
     curve = reward_curve(run_dir)
+    story, plots = None, []
     try:
-        plots = [str(p) for p in plot_run(run_dir)]
+        algo = learned.get("algo", "ppo")
+        story = plot_story(run_dir / "ppo" / "metrics.jsonl", run_dir / "story.png",
+                           f"tandem up ({algo}, seed {learned['seed']}): served v{learned['final_version']}")
+        plots = [str(p) for p in plot_run(run_dir)]       # every metric of every step: the full grid
     except Exception as err:  # noqa: BLE001 - the figures matter more than the pictures
         log.warning("plotting failed: %s", err)
-        plots = []
     pushes = len(learned["push_s"])
     stage_s = {**{k: round(v, 2) for k, v in times.items()}, **{k: round(v, 2) for k, v in learned["times"].items()},
                "total_s": round(time.perf_counter() - began, 2)}
@@ -115,13 +138,28 @@ def finish(config, learned: dict, address: str, model: str, times: dict, began: 
         "swap_ms_max": 1e3 * max(learned["swap_s"], default=0.0),
         "stage_s_mean": sum(learned["stage_s"]) / pushes if pushes else 0.0,
         "rollout": learned["rollout"], "max_staleness": config.max_staleness, "ranks": config.ranks,
-        "stage_wall_s": stage_s, "reward_curve": curve, "plots": plots,
-        "sample": {"prompt": prompt, "completion": sample.text, "weight_version": sample.weight_version,
-                   "latency_s": round(sample_s, 3)},
+        "stage_wall_s": stage_s, "reward_curve": curve, "story_plot": str(story) if story else None, "plots": plots,
+        "side_by_side": shown, "side_by_side_s": round(shown_s, 3), "algo": learned.get("algo", "ppo"),
+        "samples_per_prompt": learned.get("samples_per_prompt", 1), "rl_samples_per_s": learned.get("rl_samples_per_s"),
         "checkpoint": learned["checkpoint"], "model": model, "run_dir": str(run_dir),
     }
     print_summary(summary)
     return summary
+
+
+def _side_by_side_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    version = rows[0]["weight_version"]
+    width = max(len(r["sft"]) for r in rows) + 8
+    qwidth = max(len(r["prompt"].removeprefix("human : ").removesuffix(" ? assistant :")) for r in rows)
+    lines = [f"  greedy answers to prompts no training sample asks (gold score): SFT model -> served model (v{version})"]
+    for r in rows:
+        question = r["prompt"].removeprefix("human : ").removesuffix(" ? assistant :")
+        before = r["sft"] + (f"  ({r['sft_gold']:.0f})" if r["sft_gold"] is not None else "")
+        after = r["served"] + (f"  ({r['served_gold']:.0f})" if r["served_gold"] is not None else "")
+        lines.append(f"    {question:<{qwidth}}  {before:<{width}} -> {after}")
+    return lines
 
 
 def print_summary(s: dict) -> None:
@@ -129,15 +167,17 @@ def print_summary(s: dict) -> None:
         return "n/a" if v is None else format(v, spec)
 
     r = s["rollout"]
+    algo = s.get("algo", "ppo").upper()
     lines = [
         "", "tandem up: done",
-        f"  gold score (0-100, greedy, 64 eval prompts): before PPO {fmt(s['gold_before'])} -> after PPO "
+        f"  gold score (0-100, greedy, 64 eval prompts): before {algo} {fmt(s['gold_before'])} -> after {algo} "
         f"{fmt(s['gold_after'])} (served model: {fmt(s['gold_after_served'])})",
-        f"  gold score of sampled responses (temperature 1, 4 per prompt): before PPO "
-        f"{fmt(s.get('gold_sampled_before'))} -> after PPO {fmt(s.get('gold_sampled_after'))} "
+        f"  gold score of sampled responses (temperature 1, 4 per prompt): before {algo} "
+        f"{fmt(s.get('gold_sampled_before'))} -> after {algo} {fmt(s.get('gold_sampled_after'))} "
         f"(served model: {fmt(s.get('gold_sampled_served'))})",
         f"  reward model held-out accuracy: {fmt(s['reward_accuracy'], '.3f')}   KL to reference: {fmt(s['kl'], '.3f')}",
-        f"  reward curve ({s['ppo_iterations']} PPO iterations):", *_curve_lines(s["reward_curve"]),
+        f"  reward curve ({s['ppo_iterations']} {s['algo']} iterations; the reward model's score beside the hidden "
+        f"gold judge's: a reward rising while gold falls is reward hacking):", *_curve_lines(s["reward_curve"]),
         f"  weight sync: {len(s['weight_versions_pushed'])} versions pushed (v{s['weight_versions_pushed'][0]}.."
         f"v{s['weight_versions_pushed'][-1]}), {s['bytes_pushed'] / 2**20:.2f} MB {s['push_encoding']} "
         f"({s['tensors_per_push']} tensors each), push {s['push_s_mean'] * 1e3:.0f} ms, "
@@ -147,8 +187,10 @@ def print_summary(s: dict) -> None:
         f"regenerated; {int(r.get('rollout_prefetched', 0))} batches generated during training",
         "  wall time: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in s["stage_wall_s"].items()),
         f"  served now: v{s['served_version']} ({s['served_origin']})",
-        f"  sample: {s['sample']['prompt']!r} -> {s['sample']['completion']!r}",
+        *_side_by_side_lines(s["side_by_side"]),
     ]
+    if s["story_plot"]:
+        lines.append(f"  the story in one picture: {s['story_plot']}")
     if s["plots"]:
-        lines.append("  plots: " + ", ".join(s["plots"]))
+        lines.append("  every metric: " + ", ".join(s["plots"]))
     print("\n".join(lines), flush=True)

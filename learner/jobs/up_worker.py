@@ -22,7 +22,7 @@ from typing import Any
 from common.errors import ConfigError
 from learner import ds
 from learner.config import PPOConfig, RewardConfig, SFTConfig
-from learner.jobs.pipeline import COMMON, DEEPSPEED, PPO_DEFAULTS, REWARD_DEFAULTS, SFT_DEFAULTS, build_config
+from learner.jobs.pipeline import COMMON, DEEPSPEED, REWARD_DEFAULTS, SFT_DEFAULTS, build_config, ppo_defaults
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def learn(spec: dict[str, Any]) -> dict[str, Any]:
     encoding = spec.get("encoding", "float32")
     sft = step_config(SFTConfig, run_dir, "sft", spec, SFT_DEFAULTS, {"model": model})
     reward = step_config(RewardConfig, run_dir, "reward", spec, REWARD_DEFAULTS, {"model": model})
-    ppo = step_config(PPOConfig, run_dir, "ppo", spec, PPO_DEFAULTS, {
+    ppo = step_config(PPOConfig, run_dir, "ppo", spec, ppo_defaults(spec.get("algo", "ppo")), {
         "actor_model": str(run_dir / "sft"), "critic_model": str(run_dir / "reward"),
         "reward_model": str(run_dir / "reward"), "tokenizer": model, "rollout": "remote", "server": server,
         "max_staleness": spec.get("max_staleness", 1), "push_weights": True, "push_token_file": spec["token_file"],
@@ -77,7 +77,10 @@ def learn(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "gold_before": ppo_result.get("gold_before"), "gold_after": ppo_result.get("gold_after"),
         "reward_accuracy": reward_result.get("eval_accuracy"), "sft_eval_loss": sft_result.get("eval_loss"),
-        "kl": ppo_result.get("kl"), "reward_score": ppo_result.get("reward_score"),
+        "kl": ppo_result.get("kl"), "reward_score": ppo_result.get("reward_score"), "algo": ppo.algo,
+        "samples_per_prompt": ppo_result.get("samples_per_prompt", 1),
+        "rl_samples_per_s": ppo_result.get("iterations", 0) * ppo.rollout_batch_size
+        * ppo_result.get("samples_per_prompt", 1) / max(times["ppo_s"], 1e-9),
         "ppo_iterations": ppo.iterations, "first_version": first, "final_version": ppo_result["final_version"],
         "versions_pushed": [first] + [p["version"] for p in pushes],
         "bytes_pushed": sum(p["bytes_sent"] for p in pushes), "push_encoding": encoding,

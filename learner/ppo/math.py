@@ -85,16 +85,17 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float,
-                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped surrogate: mean over response tokens of max(-A r, -A clip(r, 1-e, 1+e)),
-    r = exp(logp - old_logp). `weights` (e.g. truncated importance ratios for stale samples) scale each
-    token's term. Returns (loss, stats: clip_fraction, approx_kl)."""
+                mask: torch.Tensor, cliprange: float, weights: torch.Tensor | None = None,
+                cliprange_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate: mean over response tokens of max(-A r, -A clip(r, 1-e, 1+e_high)),
+    r = exp(logp - old_logp); e_high is `cliprange_high` (DAPO's clip-higher) or e. `weights` (e.g. truncated
+    importance ratios for stale samples) scale each token's term. Returns (loss, stats: clip_fraction, approx_kl)."""
     mask = mask.to(logprobs.dtype)
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    high = cliprange if not cliprange_high else cliprange_high
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
     if weights is not None:
         per_token = per_token * weights

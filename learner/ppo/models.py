@@ -68,8 +68,10 @@ def load_models(config: PPOConfig) -> PPOModels:
 
     actor_model = apply_lora(load_causal_lm(paths["actor_model"], dtype), config.lora)
     actor = ds.init_engine(actor_model, opts, lr=config.actor_learning_rate, **common)
-    critic_model = apply_lora(ValueModel.from_pretrained(paths["critic_model"], dtype), config.lora)
-    critic = ds.init_engine(critic_model, opts, lr=config.critic_learning_rate, **common)
+    critic = None                       # the critic-free algorithms (grpo, rloo, reinforce++) train none
+    if config.algo == "ppo":
+        critic_model = apply_lora(ValueModel.from_pretrained(paths["critic_model"], dtype), config.lora)
+        critic = ds.init_engine(critic_model, opts, lr=config.critic_learning_rate, **common)
     reference = ds.init_frozen(load_causal_lm(paths["actor_model"], dtype), opts, batch_size=config.mini_batch_size)
     reward = ds.init_frozen(ValueModel.from_pretrained(paths["reward_model"], dtype), opts,
                             batch_size=config.mini_batch_size)
@@ -78,6 +80,7 @@ def load_models(config: PPOConfig) -> PPOModels:
         ema_model = apply_lora(load_causal_lm(paths["actor_model"], dtype), config.lora)
         ema = ActorEMA(ds.init_frozen(ema_model, opts, batch_size=config.mini_batch_size), config.ema_decay)
         ema.update(actor, decay=0.0)  # start equal to the actor (its LoRA initialisation too)
-    log.info("ppo models: actor %s, critic %s, reward %s (ZeRO-%d, %s)", paths["actor_model"], paths["critic_model"],
+    log.info("%s models: actor %s, critic %s, reward %s (ZeRO-%d, %s)", config.algo, paths["actor_model"],
+             paths["critic_model"] if critic is not None else "none",
              paths["reward_model"], opts.zero_stage, opts.dtype)
     return PPOModels(tokenizer, actor, critic, reference, reward, ema, paths)

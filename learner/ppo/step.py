@@ -16,7 +16,7 @@ from pathlib import Path
 from common.errors import ConfigError
 from common.progress import progress
 from learner import checkpoint, ds
-from learner.config import PPOConfig
+from learner.config import PPOConfig, samples_per_prompt
 from learner.data import CausalLMCollator, PromptDataset, TextDataset
 from learner.ds import all_sum, loader, seed_everything
 from learner.inputs import cache_dir, check_inputs, read_dataset, step_samples
@@ -57,9 +57,10 @@ def _ptx_batches(config: PPOConfig, tokenizer):
 def _save(models: PPOModels, trainer: PPOTrainer, tokenizer, out: Path, iteration: int) -> dict[str, str]:
     state = {"iteration": iteration, **trainer.state_dict()}
     checkpoint.save_resumable(models.actor, out / "resume" / "actor", f"iter{iteration}", state)
-    checkpoint.save_resumable(models.critic, out / "resume" / "critic", f"iter{iteration}", state)
-    paths = {"checkpoint": str(checkpoint.save_hf(models.actor, tokenizer, out / "actor")),
-             "critic_checkpoint": str(checkpoint.save_hf(models.critic, tokenizer, out / "critic", value_head=True))}
+    paths = {"checkpoint": str(checkpoint.save_hf(models.actor, tokenizer, out / "actor"))}
+    if models.critic is not None:
+        checkpoint.save_resumable(models.critic, out / "resume" / "critic", f"iter{iteration}", state)
+        paths["critic_checkpoint"] = str(checkpoint.save_hf(models.critic, tokenizer, out / "critic", value_head=True))
     if models.ema is not None:
         paths["ema_checkpoint"] = str(checkpoint.save_hf(models.ema.engine, tokenizer, out / "actor_ema"))
     return paths
@@ -72,7 +73,7 @@ def _resume(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, out: Path
     actor_state = checkpoint.load_resumable_state(models.actor, out / "resume" / "actor")
     if actor_state is None:
         return 0
-    if checkpoint.load_resumable_state(models.critic, out / "resume" / "critic") is None:
+    if models.critic is not None and checkpoint.load_resumable_state(models.critic, out / "resume" / "critic") is None:
         raise RuntimeError(f"{out / 'resume'}: an actor checkpoint without its critic")
     tag, state = actor_state
     trainer.load_state_dict(state)
@@ -102,9 +103,10 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
                          tokenizer.pad_token_id, ema=models.ema, ptx_batches=_ptx_batches(config, tokenizer))
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                             top_p=config.top_p)
+    group = samples_per_prompt(config)  # responses per prompt (grpo/rloo compare them with each other)
     gold: GoldJudge | None = gold_judge_for(config, tokenizer)
     out = Path(config.output_dir)
-    result: dict = {"prompts": len(prompts.dataset)}
+    result: dict = {"prompts": len(prompts.dataset), "algo": config.algo, "samples_per_prompt": group}
     start = _resume(config, models, trainer, out)
     left = [config.iterations - start]           # iterations whose prompts are still to be drawn
     link = None
@@ -128,6 +130,7 @@ def _iterations(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, promp
     """PPO iterations start..config.iterations-1 (gold-judged before and after on the embedded task)."""
     result: dict = {}
     tokenizer = models.tokenizer
+    group = samples_per_prompt(config)  # responses per prompt (grpo/rloo compare them with each other)
     with MetricsLogger(out) as metrics:
         if gold is not None:
             result["gold_before"] = gold.evaluate(models.actor)
@@ -140,12 +143,13 @@ def _iterations(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, promp
             left[0] -= 1
             if isinstance(rollout_source, LocalRolloutSource):
                 rollout_source.weight_version = iteration
-            rollouts = rollout_source.generate(batch.ids, params)
+            rollouts = rollout_source.generate(batch.ids, params, group) if group > 1 else \
+                rollout_source.generate(batch.ids, params)
             generated = time.perf_counter()
             stats = trainer.step(rollouts)
             new_tokens = sum(len(r.response_ids) for r in rollouts)
             if gold is not None:
-                stats["gold_score"] = gold.score_rollouts(batch.texts, rollouts)
+                stats["gold_score"] = gold.score_rollouts([t for t in batch.texts for _ in range(group)], rollouts)
             keys = sorted(stats)
             averaged = all_sum([stats[k] for k in keys])
             stats = {k: v / ds.world_size() for k, v in zip(keys, averaged)}

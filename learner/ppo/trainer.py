@@ -1,5 +1,9 @@
 """One PPO iteration: make the experience batch from rollouts, then train actor and critic on it.
 
+`config.algo` picks the advantage estimator: PPO's GAE over the critic's values, or a critic-free one
+(GRPO, RLOO, REINFORCE++: learner.ppo.advantages), for which no critic is loaded or trained. Everything
+else (the clipped surrogate, importance correction of stale samples, EMA, ptx) is shared.
+
 Models: actor and critic are training DeepSpeed engines; reference and reward are frozen (engines under
 ZeRO-3, plain modules otherwise). Everything PPO needs from the "old" policy and critic (logprobs,
 values, advantages, returns) is computed once when the batch is made; each PPO epoch then reshuffles
@@ -15,7 +19,8 @@ from collections.abc import Iterator
 import torch
 
 from learner import ds
-from learner.config import PPOConfig
+from learner.config import PPOConfig, samples_per_prompt
+from learner.ppo import advantages as adv
 from learner.ppo import math as pm
 from learner.ppo.ema import ActorEMA
 from learner.ppo.experience import ExperienceBatch, SequenceBatch, position_ids
@@ -52,6 +57,7 @@ class PPOTrainer:
                        if config.adaptive_kl else pm.FixedKLController(config.kl_coef))
         self.reward_stats = pm.RunningMeanStd()
         self.generator = torch.Generator().manual_seed(config.seed + ds.rank())
+        self.group = samples_per_prompt(config)
         self.device = ds.device()
 
     # ------------------------------------------------------------------ experience
@@ -61,7 +67,8 @@ class PPOTrainer:
         ids, attn = seq.input_ids.to(self.device), seq.attention_mask.to(self.device)
         mask = seq.action_mask.to(self.device)
         self.actor.eval()
-        self.critic.eval()
+        if self.critic is not None:
+            self.critic.eval()
         chunk = self.config.mini_batch_size  # bounds the activation memory of the four forwards
 
         def run(fn, model) -> torch.Tensor:
@@ -69,10 +76,11 @@ class PPOTrainer:
 
         logprobs = run(sequence_logprobs, self.actor)
         ref_logprobs = run(sequence_logprobs, self.reference)
-        values = run(sequence_values, self.critic).float()
+        values = run(sequence_values, self.critic).float() if self.critic is not None else torch.zeros_like(logprobs)
         raw_score = run(reward_scores, self.reward).float()
         self.actor.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         if len(rollouts) > 1 and raw_score.std().item() < 1e-6:
             log.warning("the reward model gives every response the same score (%.4f): collapsed reward model?",
                         raw_score[0].item())
@@ -80,16 +88,38 @@ class PPOTrainer:
         if self.config.normalize_reward:
             self.reward_stats.update(raw_score)
             score = self.reward_stats.normalize(raw_score)
-        rewards = pm.kl_penalized_rewards(logprobs, ref_logprobs, score, mask, self.kl_ctl.value,
-                                          self.config.clip_reward_value)
-        advantages, returns = pm.gae(values, rewards, mask, self.config.gamma, self.config.lam)
-        if self.config.whiten_advantages:
-            advantages = pm.whiten(advantages, mask)
+        if self.config.missing_eos_penalty > 0:   # the reward model never saw a response without its EOS
+            unfinished = torch.tensor([r.finish_reason != "stop" for r in rollouts], device=score.device)
+            score = score - self.config.missing_eos_penalty * unfinished.to(score.dtype)
+        rewards, advantages, returns = self.advantages(logprobs, ref_logprobs, values, score, mask)
         return ExperienceBatch(
             input_ids=ids, attention_mask=attn, action_mask=mask, logprobs=logprobs * mask,
             ref_logprobs=ref_logprobs * mask, behaviour_logprobs=seq.behaviour_logprobs.to(self.device),
             values=values * mask, rewards=rewards, advantages=advantages, returns=returns, score=score,
             raw_score=raw_score, weight_versions=seq.weight_versions.to(self.device))
+
+    def advantages(self, logprobs, ref_logprobs, values, score, mask):
+        """(per-token rewards, advantages, returns) [B, T] by config.algo; see learner.ppo.advantages."""
+        c, kl = self.config, self.kl_ctl.value
+        algo = c.algo
+        if algo in ("ppo", "reinforce++"):
+            rewards = pm.kl_penalized_rewards(logprobs, ref_logprobs, score, mask, kl, c.clip_reward_value)
+            if algo == "reinforce++":
+                advantages = pm.whiten(adv.returns_to_go(rewards, mask, c.gamma), mask)
+                return rewards, advantages, advantages
+            advantages, returns = pm.gae(values, rewards, mask, c.gamma, c.lam)
+            if c.whiten_advantages:
+                advantages = pm.whiten(advantages, mask)
+            return rewards, advantages, returns
+        clipped = score.clamp(-c.clip_reward_value, c.clip_reward_value)
+        if algo == "grpo":              # the KL is a loss term (actor_step), not a reward
+            rewards = pm.kl_penalized_rewards(logprobs, ref_logprobs, clipped, mask, 0.0, c.clip_reward_value)
+            advantages = adv.per_token(adv.group_normalized(clipped, self.group), mask)
+        else:                           # rloo: the KL penalty is folded into the sequence reward
+            rewards = pm.kl_penalized_rewards(logprobs, ref_logprobs, clipped, mask, kl, c.clip_reward_value)
+            penalized = adv.kl_penalized_scores(clipped, logprobs, ref_logprobs, mask, kl)
+            advantages = adv.per_token(adv.leave_one_out(penalized, self.group), mask)
+        return rewards, advantages, advantages
 
     # ------------------------------------------------------------------ training
     def importance_weights(self, mb: ExperienceBatch) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -108,9 +138,13 @@ class PPOTrainer:
         logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask)
         weights, weight_stats = self.importance_weights(mb)
         loss, stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.action_mask, self.config.cliprange,
-                                     weights)
+                                     weights, cliprange_high=self.config.cliprange_high)
         out = {"actor_loss": loss.item(), "clip_fraction": stats["clip_fraction"].item(),
                "policy_kl": stats["approx_kl"].item(), **weight_stats}
+        if self.config.algo == "grpo" and self.kl_ctl.value > 0:
+            kl_loss = adv.k3_kl(logprobs, mb.ref_logprobs, mb.action_mask)
+            loss = loss + self.kl_ctl.value * kl_loss
+            out["kl_loss"] = kl_loss.item()
         if self.ptx_batches is not None and self.config.ptx_coef > 0:
             batch = {k: v.to(self.device) for k, v in next(self.ptx_batches).items()}
             ptx_loss = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -134,7 +168,8 @@ class PPOTrainer:
         count = 0
         for _ in range(self.config.ppo_epochs):
             for mb in exp.minibatches(self.config.mini_batch_size, self.generator):
-                for k, v in {**self.actor_step(mb), **self.critic_step(mb)}.items():
+                critic = self.critic_step(mb) if self.critic is not None else {}
+                for k, v in {**self.actor_step(mb), **critic}.items():
                     sums[k] += v
                 count += 1
         return {k: v / count for k, v in sums.items()}
@@ -154,9 +189,10 @@ class PPOTrainer:
             "reward_score_std": exp.raw_score.std().item() if len(exp) > 1 else 0.0,
             "kl": kl_mean, "kl_coef": self.kl_ctl.value,
             "return": pm.masked_mean(exp.returns, mask).item(),
-            "value": pm.masked_mean(exp.values, mask).item(),
             "response_length": mask.sum(1).mean().item(),
         })
+        if self.critic is not None:
+            stats["value"] = pm.masked_mean(exp.values, mask).item()
         return stats
 
     def state_dict(self) -> dict:

@@ -47,8 +47,8 @@ class Rollout:
 
 
 class RolloutSource(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        """One Rollout per prompt, in the order of `prompts`."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> list[Rollout]:
+        """`samples_per_prompt` Rollouts per prompt, prompt-major in the order of `prompts`."""
         ...
 
 
@@ -123,11 +123,12 @@ class LocalRolloutSource:
         return model, any(hasattr(p, "ds_id") for p in model.parameters())
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> list[Rollout]:
         import deepspeed
 
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
+        prompts = [p for p in prompts for _ in range(samples_per_prompt)]     # prompt-major, as the server
         model, partitioned = self._model()
         device = ds.device()
         input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id, device)

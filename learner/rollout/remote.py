@@ -78,8 +78,8 @@ class RolloutJob:
         except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
             self.error = err
 
-    def matches(self, prompts: list[list[int]], params: SamplingParams) -> bool:
-        return self.prompts == prompts and self.params == params
+    def matches(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> bool:
+        return self.prompts == prompts and self.params == params and self.samples == samples_per_prompt
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -136,37 +136,39 @@ class RemoteRolloutSource:
         return RolloutJob(self._client, [list(p) for p in prompts], params, samples_per_prompt, self.timeout,
                           sent=self._params(params))
 
-    def prefetch(self, prompts: list[list[int]], params: SamplingParams) -> None:
+    def prefetch(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> None:
         """Start generating the next batch now (it runs while the learner trains)."""
         self.cancel_prefetch()
         if self.max_staleness > 0 and prompts:
-            self._pending = self._start(prompts, params)
+            self._pending = self._start(prompts, params, samples_per_prompt)
 
     def cancel_prefetch(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        """One Rollout per prompt, in order, each within the staleness bound; then prefetch the next batch."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> list[Rollout]:
+        """`samples_per_prompt` Rollouts per prompt (prompt-major; the server shares the prompt's KV blocks
+        among them), each within the staleness bound; then prefetch the next batch."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
         prompts = [list(p) for p in prompts]
         job, self._pending = self._pending, None
-        if job is not None and not job.matches(prompts, params):
+        if job is not None and not job.matches(prompts, params, samples_per_prompt):
             log.warning("remote rollout: the prefetched batch is not the one asked for; generating afresh")
             job.cancel()
             job = None
         prefetched = job is not None
-        rollouts = (job or self._start(prompts, params)).result()
-        rollouts, stats = self._within_bound(prompts, params, rollouts)
+        rollouts = (job or self._start(prompts, params, samples_per_prompt)).result()
+        expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+        rollouts, stats = self._within_bound(expanded, params, rollouts)
         stats["rollout_prefetched"] = float(prefetched)
         self.last_stats = stats
         self.totals.update({k: v for k, v in stats.items() if k != "rollout_max_staleness"})
         if self.upcoming is not None and self.max_staleness > 0:
             next_prompts = self.upcoming()
             if next_prompts:
-                self.prefetch(next_prompts, params)
+                self.prefetch(next_prompts, params, samples_per_prompt)
         return rollouts
 
     def _within_bound(self, prompts, params, rollouts: list[Rollout]) -> tuple[list[Rollout], dict[str, float]]:

@@ -2,12 +2,14 @@
 
 Each demonstration is written by a noisy demonstrator: it gets the answer wrong at some rate, opens
 and closes politely, rudely or not at all, and rambles at some rate. A preference pair is two
-demonstrations for one prompt; the one the gold judge scores higher is `chosen`. Half the pairs are two
-independent demonstrations; the other half are one demonstrator writing twice in the same manner (same
+demonstrations for one prompt; the one the gold judge scores higher is `chosen`. Some pairs are two
+independent demonstrations; most (SAME_MANNER) are one demonstrator writing twice in the same manner (same
 wording and manners, the answer decided afresh), so those pairs differ in correctness only: a labeller
 comparing two takes of one writer. They show the reward model that a wrong answer is worse on its own,
 apart from manners and length, which are easy to see (a reward model that misses it lets PPO trade
-correctness for politeness).
+correctness for politeness). With half the draws of that kind, about a third of the kept pairs taught
+correctness and the reward model ranked the right answer first for about 30% of the questions (PPO then
+traded right answers for "thanks for asking !"); at 0.85, about 70% of the kept pairs and 55-60%.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from learner.task.world import (
 )
 
 SOURCE = "embedded"
-SAME_MANNER = 0.5               # fraction of pairs written twice by one demonstrator in the same manner
+SAME_MANNER = 0.85             # fraction of draws written twice by one demonstrator in the same manner
 
 
 @dataclass(frozen=True)

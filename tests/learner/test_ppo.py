@@ -206,3 +206,59 @@ def test_learn_ppo_rollout_remote_against_a_running_server(run_dir, tmp_path):
         assert status.weight_version == before + 4 and "ppo iteration 3" in status.weight_origin
     finally:
         server.stop(grace=1.0)
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce++"])
+def test_critic_free_algorithms_share_lora_ema_ptx_and_train_no_critic(run_dir, algo):
+    out = run_dir / f"ppo_{algo}"
+    config = _config(run_dir, algo=algo, iterations=2, rollout_batch_size=2, samples_per_prompt=4,
+                     cliprange_high=0.28, ema_decay=0.5, ptx_coef=0.5, ptx_data=[f"text:{run_dir / 'stories.txt'}"],
+                     lora=LoraOptions(lora_dim=4, only_optimize_lora=True), output_dir=str(out))
+    models = load_models(config)
+    assert models.critic is None                           # nothing of a critic is loaded
+    tok = models.tokenizer
+    prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES[:2], THINGS[:2])]
+    rollouts = LocalRolloutSource(models.actor, tok).generate(prompts, SamplingParams(max_new_tokens=16, seed=0), 4)
+    assert [r.prompt_ids for r in rollouts] == [p for p in prompts for _ in range(4)]   # prompt-major groups
+    trainer = PPOTrainer(config, models.actor, None, models.reference, models.reward, tok.pad_token_id)
+    exp = trainer.make_experience(rollouts)
+    mask = exp.action_mask.bool()
+    if algo in ("grpo", "rloo"):           # one advantage per response, centred within its prompt's group
+        per_row = torch.stack([exp.advantages[i][mask[i]][0] for i in range(len(exp))])
+        for i in range(len(exp)):
+            assert torch.allclose(exp.advantages[i][mask[i]], per_row[i].expand(int(mask[i].sum())))
+        assert torch.allclose(per_row.view(2, 4).sum(1), torch.zeros(2), atol=1e-4)
+    else:                                  # whitened over the whole batch
+        assert abs(exp.advantages[mask].mean().item()) < 1e-4
+    del models, trainer
+
+    result = run_ppo(config)
+    assert result["algo"] == algo and result["samples_per_prompt"] == 4 and "ptx_loss" in result
+    assert "critic_checkpoint" not in result and not (out / "critic").exists()
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and "critic_loss" not in rows[-1] and "actor_loss" in rows[-1]
+    assert ("kl_loss" in rows[-1]) == (algo == "grpo")
+    for name in ("checkpoint", "ema_checkpoint"):
+        _, info = AutoModelForCausalLM.from_pretrained(result[name], output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_group_algorithms_refuse_one_sample_per_prompt(run_dir):
+    with pytest.raises(ConfigError) as err:
+        _config(run_dir, algo="rloo", samples_per_prompt=1)
+    assert err.value.field == "samples_per_prompt"
+    with pytest.raises(ConfigError) as err:
+        _config(run_dir, algo="dpo")
+    assert err.value.field == "algo"
+
+
+def test_a_response_cut_before_its_eos_pays_the_missing_eos_penalty(run_dir):
+    config = _config(run_dir, missing_eos_penalty=3.0)
+    models = load_models(config)
+    tok = models.tokenizer
+    prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES, THINGS)]
+    rollouts = LocalRolloutSource(models.actor, tok).generate(prompts, SamplingParams(max_new_tokens=3, seed=1))
+    rollouts[0].finish_reason = "stop"                     # one that ended, whatever generate did
+    cut = torch.tensor([r.finish_reason != "stop" for r in rollouts], dtype=torch.float32)
+    assert 0 < cut.sum() < len(rollouts)
+    trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
+    exp = trainer.make_experience(rollouts)
+    torch.testing.assert_close(exp.score, exp.raw_score - 3.0 * cut)
