@@ -131,6 +131,8 @@ class PPOConfig(CommonConfig):
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    min_new_tokens: int = 0             # rollouts: no EOS before this many tokens
+    ignore_eos: bool = False            # rollouts: every response runs to max_new_tokens
     actor_learning_rate: float = 9.65e-6
     critic_learning_rate: float = 5e-6
     ppo_epochs: int = 1                 # passes over one rollout batch
@@ -186,6 +188,9 @@ class PPOConfig(CommonConfig):
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ConfigError("temperature", f"must be > 0 for PPO sampling, got {self.temperature}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError("min_new_tokens", f"must be in [0, max_new_tokens={self.max_new_tokens}], "
+                                                f"got {self.min_new_tokens}")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
         for name in ("kl_coef", "clip_reward_value", "cliprange", "cliprange_value", "ptx_coef", "missing_eos_penalty"):

@@ -189,3 +189,28 @@ def test_group_rollouts_come_prompt_major_and_a_prefetch_must_match_the_group_si
         paired = source.generate(PROMPTS[2:], params, 2)
         assert len(paired) == 4 and source.last_stats["rollout_prefetched"] == 1.0
     wait_idle(stub)
+
+
+def test_the_learners_sampling_options_reach_both_rollout_sources(server, tinystories_path):
+    """ignore_eos and min_new_tokens as the server knows them: a rollout can be made exactly like
+    DeepSpeed-Chat's fixed-length ones, from the server or from the learner's own HF generate, and
+    greedy (temperature 0) evaluation rollouts agree between the two."""
+    from learner.modeling import load_tokenizer
+    from learner.rollout.local import LocalRolloutSource
+
+    free = SamplingParams(max_new_tokens=N_LONG, temperature=1.0, seed=4)
+    fixed = SamplingParams(max_new_tokens=N_LONG, temperature=1.0, seed=4, ignore_eos=True)
+    at_least = SamplingParams(max_new_tokens=N_LONG, temperature=1.0, seed=4, min_new_tokens=N_LONG - 20)
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
+    local = LocalRolloutSource(load_causal_lm(tinystories_path, torch.float32).eval(), load_tokenizer(tinystories_path))
+    with RemoteRolloutSource(server.address, max_staleness=0) as remote:
+        make = {"server": lambda p: remote.rollout(PROMPTS, p, 2), "learner": lambda p: local.generate(PROMPTS * 2, p)}
+        for name, rollouts_for in make.items():
+            assert any(len(r.response_ids) < N_LONG - 20 for r in rollouts_for(free)), name   # EOS comes early
+            assert all(len(r.response_ids) == N_LONG for r in rollouts_for(fixed)), name
+            assert all(len(r.response_ids) >= N_LONG - 20 for r in rollouts_for(at_least)), name
+        served = [r.response_ids for r in remote.rollout(PROMPTS, greedy, 1)]
+    assert served == [r.response_ids for r in local.generate(PROMPTS, greedy)]
+
+
+N_LONG = 300

@@ -30,6 +30,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_new_tokens: int = 0             # no EOS before this many tokens
+    ignore_eos: bool = False            # every response runs to max_new_tokens (as DeepSpeed-Chat's fixed-length rollouts)
 
 
 @dataclass
@@ -133,7 +135,8 @@ class LocalRolloutSource:
         device = ds.device()
         input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id, device)
         sample = params.temperature > 0
-        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sample, use_cache=True,
+        least = params.max_new_tokens if params.ignore_eos else params.min_new_tokens
+        kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=least or None, do_sample=sample, use_cache=True,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=list(self.eos_ids) or None,
                       return_dict_in_generate=True, output_logits=True,
                       synced_gpus=partitioned and ds.world_size() > 1)  # ranks stop together under ZeRO-3

@@ -16,6 +16,7 @@ prefetched (strictly on-policy). The counts of each batch are in `last_stats`, t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import uuid
@@ -40,7 +41,8 @@ class RolloutError(RuntimeError):
 def sampling_options(params: SamplingParams) -> dict:
     """The client SDK's sampling keywords for the learner's SamplingParams."""
     return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "max_new_tokens": params.max_new_tokens, "seed": params.seed}
+            "max_new_tokens": params.max_new_tokens, "seed": params.seed, "min_new_tokens": params.min_new_tokens,
+            "ignore_eos": params.ignore_eos}
 
 
 def request_for(prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1,
@@ -129,8 +131,7 @@ class RemoteRolloutSource:
         if params.seed is not None or self.seed is None:
             return params
         self._calls += 1
-        return SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k,
-                              seed=self.seed + self._calls)
+        return dataclasses.replace(params, seed=self.seed + self._calls)
 
     def _start(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> RolloutJob:
         return RolloutJob(self._client, [list(p) for p in prompts], params, samples_per_prompt, self.timeout,
