@@ -23,6 +23,13 @@ class DeepSpeedOptions:
     offload_optimizer: bool = False     # ZeRO-Offload of optimizer states to CPU
     gradient_clipping: float = 1.0
     num_ranks: int = 1                  # for `tandem learn`, which execs the deepspeed launcher
+    # ZeRO++ (stage 3): quantized weight all-gathers (qwZ), quantized gradient reduce-scatter (qgZ) and a
+    # secondary weight partition of this many ranks (hpZ, 0 = off). On CPU, DeepSpeed 0.19.8 accepts qgZ and
+    # hpZ but changes nothing (losses bit-identical to plain ZeRO-3), and qwZ fails in its CPU backend (no
+    # quantizer op), so it is refused there, naming the field. Their effect needs a GPU.
+    zero_quantized_weights: bool = False
+    zero_quantized_gradients: bool = False
+    zero_hpz_partition_size: int = 0
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -33,6 +40,11 @@ class DeepSpeedOptions:
             raise ConfigError("gradient_clipping", f"must be >= 0, got {self.gradient_clipping}")
         if self.num_ranks < 1:
             raise ConfigError("num_ranks", f"must be >= 1, got {self.num_ranks}")
+        zero_pp = self.zero_quantized_weights or self.zero_quantized_gradients or self.zero_hpz_partition_size
+        if zero_pp and self.zero_stage != 3:
+            raise ConfigError("zero_stage", f"ZeRO++ options need zero_stage 3, got {self.zero_stage}")
+        if self.zero_hpz_partition_size < 0:
+            raise ConfigError("zero_hpz_partition_size", f"must be >= 0, got {self.zero_hpz_partition_size}")
 
 
 @dataclass

@@ -77,7 +77,7 @@ def ds_config(opts: DeepSpeedOptions, batch_size: int, grad_accum: int, lr: floa
     if opts.zero_stage == 3:
         # small models: keep tiny tensors whole instead of partitioning them (DeepSpeed-Chat's values)
         zero.update({"stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7,
-                     "stage3_prefetch_bucket_size": 3e7})
+                     "stage3_prefetch_bucket_size": 3e7, **zero_plus_plus(opts)})
     if opts.offload_optimizer:
         if opts.zero_stage == 0:
             from common.errors import ConfigError
@@ -104,12 +104,29 @@ def ds_config(opts: DeepSpeedOptions, batch_size: int, grad_accum: int, lr: floa
     return config
 
 
+def zero_plus_plus(opts: DeepSpeedOptions) -> dict:
+    """DeepSpeed's ZeRO++ keys for the options that are on (stage 3 only; see DeepSpeedOptions)."""
+    keys = {}
+    if opts.zero_quantized_weights:
+        if not torch.cuda.is_available():
+            from common.errors import ConfigError
+
+            raise ConfigError("zero_quantized_weights", "needs a CUDA device: DeepSpeed 0.19.8's CPU backend has no "
+                                                        "quantizer op (its qwZ kernels are CUDA ones)")
+        keys["zero_quantized_weights"] = True
+    if opts.zero_quantized_gradients:
+        keys["zero_quantized_gradients"] = True
+    if opts.zero_hpz_partition_size:
+        keys["zero_hpz_partition_size"] = opts.zero_hpz_partition_size
+    return keys
+
+
 def frozen_config(opts: DeepSpeedOptions, batch_size: int) -> dict:
     """Config for a frozen ZeRO-3 model (reference, reward, EMA): partitioned, no optimizer."""
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "train_batch_size": batch_size * world_size(),
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, **zero_plus_plus(opts)},
         "bf16": {"enabled": opts.dtype == "bfloat16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,

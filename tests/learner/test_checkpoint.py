@@ -95,3 +95,40 @@ def test_missing_tokenizer_and_model_name_the_field(tmp_path):
     with pytest.raises(ConfigError) as err:
         modeling.load_causal_lm(tmp_path)
     assert err.value.field == "model"
+
+
+def test_zero_plus_plus_options_reach_deepspeed(tinystories_path):
+    """`--zero_quantized_gradients --zero_hpz_partition_size 1` end up in the engine's own ZeRO config and
+    the engine trains (on CPU they change no numbers); `--zero_quantized_weights` is refused on CPU naming
+    the field (DeepSpeed's CPU backend has no quantizer op); outside stage 3 they are refused, naming
+    zero_stage."""
+    import torch
+
+    from common.errors import ConfigError
+    from learner.cli_args import parse_config
+
+    config = parse_config("sft", ["--zero_stage", "3", "--zero_quantized_gradients", "true",
+                                  "--zero_hpz_partition_size", "1"])
+    tok = modeling.load_tokenizer(tinystories_path)
+    engine = ds.init_engine(modeling.load_causal_lm(tinystories_path), config.deepspeed, batch_size=4, grad_accum=1,
+                            lr=1e-3, weight_decay=0.0)
+    # DeepSpeed's parsed config, not ours
+    assert engine.zero_quantized_gradients() and engine.zero_hpz_partition_size() == 1
+    assert not engine.zero_quantized_weights()
+    batch = _batch(tok)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    losses = []
+    for _ in range(3):
+        loss = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    qwz = parse_config("sft", ["--zero_stage", "3", "--zero_quantized_weights", "true"]).deepspeed
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as err:
+            ds.ds_config(qwz, batch_size=4, grad_accum=1, lr=1e-3, weight_decay=0.0)
+        assert err.value.field == "zero_quantized_weights" and "CUDA" in err.value.message
+    with pytest.raises(ConfigError) as err:
+        parse_config("sft", ["--zero_stage", "2", "--zero_quantized_weights", "true"])
+    assert err.value.field == "zero_stage"
