@@ -10,6 +10,7 @@ import sys
 from cli import COMMANDS
 from cli.common import report
 from clients.results import TandemError
+from common.progress import quiet_piped_bars
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_piped_bars()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = args.log_level or getattr(args, "default_log_level", "WARNING")

@@ -7,6 +7,7 @@ every PIPED_INTERVAL_S seconds (and at the end) instead of a carriage-return red
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm import tqdm
@@ -29,8 +30,25 @@ class _Lines:
         self.stream.flush()
 
 
+class _PipedBar(tqdm):
+    """Off a terminal a postfix or description change waits for the next periodic line (no extra redraw)."""
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_description(self, desc=None, refresh=False):
+        super().set_description(desc, refresh=False)
+
+
 def is_terminal(stream) -> bool:
     return bool(getattr(stream, "isatty", None)) and stream.isatty()
+
+
+def quiet_piped_bars() -> None:
+    """Off a terminal, switch off the progress bars of the libraries below us (transformers' "Loading
+    weights" bar): set before they are imported, and inherited by child processes."""
+    if not is_terminal(sys.stderr):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
@@ -41,4 +59,4 @@ def progress(iterable=None, **kwargs) -> tqdm:
     kwargs.pop("dynamic_ncols", None)
     kwargs.setdefault("mininterval", PIPED_INTERVAL_S)
     kwargs.setdefault("maxinterval", max(PIPED_INTERVAL_S, kwargs["mininterval"]))
-    return tqdm(iterable, file=_Lines(stream), ascii=True, ncols=100, **kwargs)
+    return _PipedBar(iterable, file=_Lines(stream), ascii=True, ncols=100, **kwargs)

@@ -13,6 +13,7 @@ import os
 import sys
 
 from common.errors import ConfigError
+from common.progress import quiet_piped_bars
 from learner.cli_args import parse_config
 from learner.config import STEPS
 
@@ -22,6 +23,7 @@ MODEL_FIELDS = {"sft": ("model",), "reward": ("model",),
 
 
 def setup_logging() -> None:
+    quiet_piped_bars()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")

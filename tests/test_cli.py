@@ -164,8 +164,9 @@ def test_progress_is_one_plain_line_per_interval_when_piped():
     from common.progress import progress
 
     log = io.StringIO()
-    for _ in progress(range(1000), desc="piped", file=log):
-        pass
+    bar = progress(range(1000), desc="piped", file=log)
+    for i in bar:
+        bar.set_postfix(step=i)                # as the training loops do, every step: no extra line
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue()
     assert len(lines) <= 3 and lines[-1].startswith("piped: 100%") and "1000/1000" in lines[-1]

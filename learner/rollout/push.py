@@ -52,7 +52,7 @@ def push_actor(actor, server: str, token: str | None, version: int, *, origin: s
             push.abort()
         raise
     if report is not None:
-        log.info("pushed v%d (%s): %d tensors, %.2f MB %s in %.2f s (swap %.1f ms)", report.version, origin,
+        log.debug("pushed v%d (%s): %d tensors, %.2f MB %s in %.2f s (swap %.1f ms)", report.version, origin,
                  report.tensors, report.bytes_sent / 2**20, encoding, report.push_s, report.swap_s * 1e3)
     return report
 

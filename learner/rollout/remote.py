@@ -192,7 +192,7 @@ class RemoteRolloutSource:
                                f"learner is at v{self.learner_version}: samples stay beyond max_staleness "
                                f"{self.max_staleness} (are the learner's weights being pushed?)")
         if split.stale:
-            log.info("remote rollout: %d stale samples kept (lag <= %d), %d fresh", split.stale,
+            log.debug("remote rollout: %d stale samples kept (lag <= %d), %d fresh", split.stale,
                      self.max_staleness, split.fresh)
         return rollouts, stats
 
