@@ -69,18 +69,19 @@ class RequestLimits:
         if len(value) > self.max_id_chars:
             raise InvalidRequest(field, f"{len(value)} characters exceed the limit max_id_chars={self.max_id_chars}")
 
-    def check_params(self, params) -> None:
-        """params: a proto SamplingParams."""
+    def check_params(self, params, prefix: str = "params.") -> None:
+        """params: a proto SamplingParams, or the engine's SamplingParams (prefix "": its own field names)."""
         if len(params.stop_token_ids) > self.max_stop_token_ids:
-            raise InvalidRequest("params.stop_token_ids", f"{len(params.stop_token_ids)} ids exceed the limit "
-                                                          f"max_stop_token_ids={self.max_stop_token_ids}")
+            raise InvalidRequest(f"{prefix}stop_token_ids", f"{len(params.stop_token_ids)} ids exceed the limit "
+                                                            f"max_stop_token_ids={self.max_stop_token_ids}")
         if len(params.stop) > self.max_stop_strings:
-            raise InvalidRequest("params.stop", f"{len(params.stop)} stop strings exceed the limit "
-                                                f"max_stop_strings={self.max_stop_strings}")
+            raise InvalidRequest(f"{prefix}stop", f"{len(params.stop)} stop strings exceed the limit "
+                                                  f"max_stop_strings={self.max_stop_strings}")
         for j, text in enumerate(params.stop):
             if len(text) > self.max_stop_chars:
-                raise InvalidRequest(f"params.stop[{j}]", f"{len(text)} characters exceed the limit "
-                                                          f"max_stop_chars={self.max_stop_chars}")
+                field = f"{prefix}stop[{j}]" if prefix else "stop"
+                raise InvalidRequest(field, f"{len(text)} characters exceed the limit "
+                                            f"max_stop_chars={self.max_stop_chars}")
 
     def check_prompts(self, prompts) -> None:
         if len(prompts) > self.max_prompts:
@@ -114,18 +115,8 @@ class RequestLimits:
     def check_planned(self, prompts: list[list[int]], params, max_model_len: int, repeats: int = 1) -> None:
         """A request another front (HTTP) built: token-id prompts and engine SamplingParams. Errors name the
         engine's field (each front maps it onto its own parameter names)."""
-        if len(prompts) > self.max_prompts:
-            raise InvalidRequest("prompts", f"{len(prompts)} prompts exceed the limit max_prompts={self.max_prompts}")
-        if len(params.stop_token_ids) > self.max_stop_token_ids:
-            raise InvalidRequest("stop_token_ids", f"{len(params.stop_token_ids)} ids exceed the limit "
-                                                   f"max_stop_token_ids={self.max_stop_token_ids}")
-        if len(params.stop) > self.max_stop_strings:
-            raise InvalidRequest("stop", f"{len(params.stop)} stop strings exceed the limit "
-                                         f"max_stop_strings={self.max_stop_strings}")
-        for text in params.stop:
-            if len(text) > self.max_stop_chars:
-                raise InvalidRequest("stop", f"a stop string of {len(text)} characters exceeds the limit "
-                                             f"max_stop_chars={self.max_stop_chars}")
+        self.check_prompts(prompts)
+        self.check_params(params, prefix="")
         try:
             self.check_tokens(prompts, params.max_new_tokens, max_model_len, repeats)
         except InvalidRequest as err:
