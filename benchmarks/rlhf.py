@@ -1,95 +1,122 @@
-"""Step-3 (PPO) throughput: the synchronous local loop vs the two-service loop, same model, data and lengths.
+"""Step-3 (PPO) throughput in DeepSpeed-Chat's own setting: rollouts in the learner vs from the server.
 
-    python -m benchmarks.rlhf                        # trains SFT + reward on the embedded task first
-    python -m benchmarks.rlhf --from runs/up --iterations 8 --repeats 2
+    python -m benchmarks.rlhf                                   # DS-Chat setting, ZeRO-0 and 3, local and remote
+    python -m benchmarks.rlhf --zero-stages 3 --modes remote --variants before,after --repeats 3
+    python -m benchmarks.rlhf --ranks 2 --zero-stages 3         # two learner ranks (deepspeed launcher)
+    python -m benchmarks.rlhf --setting embedded                # the embedded task's step 3 (tandem up's sizes)
 
-(a) local: DeepSpeed-Chat without its hybrid engine. Each iteration generates with HF `generate` on the
-    actor inside the learner, then trains: generation and training take turns.
-(b) remote: the generation server (a child process, 1 torch thread) rolls out over StreamExperience;
-    batch k+1 is generated while the learner trains on batch k (max_staleness 1), and the actor is
-    pushed to the server after every iteration (fp32, per-parameter) — the push time is included.
-Both run run_ppo with the same config, prompts and seeds, interleaved (a, b, a, b, ...). Throughput
-counts the iterations after the first (warm-up) from the end of iteration 1 to the end of the last:
-experience samples/s and generated tokens/s. Prints each run, then min/median and the ratio b/a.
+The DeepSpeed-Chat setting (../shared/ENVIRONMENT.md): TinyStories-656K as actor and reference, the same
+base plus a fresh value head as critic and reward; HH-RLHF prompts cut to 128 tokens; 16 prompts per
+iteration, one minibatch of 16; exactly 128 new tokens (DS-Chat's min_length = max_length generation);
+ppo_epochs 1; fp32 master weights. DeepSpeed-Chat (hybrid engine off) measured 15-19 samples/s at ZeRO-0,
+6.8-7.7 at ZeRO-3 and 22.4 with 2 processes on this machine type; TRL 1.12 PPO 10-11.
+
+Modes: `local` generates with HF `generate` inside the learner (DS-Chat without its hybrid engine; the
+learner gets every core); `remote` rolls out on the generation server (a child process, 1 thread) while
+the learner (the other core) trains on the previous batch, and pushes the actor (fp32) after every
+iteration. Variants: `after` is today's defaults; `before` turns off this issue's levers (the actor's
+experience forward on fresh rollouts, bf16 frozen models, length-sorted chunks) to show what they buy.
+
+Every run is its own child process (`--ranks` of them under the deepspeed launcher), the runs of one
+repeat interleaved. Throughput counts the iterations after the first (warm-up), from the end of iteration
+1 to the end of the last, push included: samples/s over all ranks. The time split is the per-iteration
+median of generate (waiting for rollouts), experience (the frozen and critic forwards), train (actor
+and critic updates) and push.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common.files import write_private
-from learner.metrics import read_metrics
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINYSTORIES = SHARED / "models" / "tinystories-656k"
+HH_RLHF = SHARED / "hh-rlhf"
+DSCHAT = {"max_prompt_len": 128, "max_new_tokens": 128, "ignore_eos": True, "rollout_batch_size": 16,
+          "mini_batch_size": 16, "ppo_epochs": 1, "actor_learning_rate": 9.65e-6, "critic_learning_rate": 5e-6,
+          "data_split": "0,0,1"}
+# the levers of issue 11, all off: what step 3 did before it
+BEFORE = {"reuse_rollout_logprobs": False, "frozen_dtype": "float32", "sort_chunk_rows": 0}
+REFERENCE = {"deepspeed-chat": {0: "15-19", 3: "6.8-7.7", "2 ranks": "22.4"}, "trl 1.12": "10-11"}
 
 
+# ---------------------------------------------------------------------------------------------- one run
 class Clock:
     """after_iteration hook: time stamps at the end of every iteration (after the push, if any)."""
 
-    def __init__(self, inner=None):
-        self.inner, self.stamps = inner, []
+    def __init__(self):
+        self.stamps: list[float] = []
 
     def __call__(self, iteration, models, stats):
-        if self.inner is not None:
-            self.inner(iteration, models, stats)
         self.stamps.append(time.perf_counter())
 
 
-def throughput(out_dir: Path, clock: Clock, batch: int) -> dict:
-    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if r.get("response_length") is not None]
+def one_run(spec: dict) -> dict:
+    """run_ppo on this rank with spec's config; rank 0's figures (called in the child)."""
+    import torch
+
+    from learner import ds
+    from learner.config import PPOConfig
+    from learner.jobs.pipeline import build_config
+    from learner.metrics import read_metrics
+    from learner.ppo.step import run_ppo
+
+    torch.set_num_threads(spec["threads"])
+    values = dict(spec["config"])
+    config = build_config(PPOConfig, values, values.pop("deepspeed"))
+    clock = Clock()
+    result = run_ppo(config, after_iteration=clock)
+    rows = [r for r in read_metrics(Path(config.output_dir) / "metrics.jsonl") if r.get("response_length") is not None]
     timed = rows[1:]
     seconds = clock.stamps[-1] - clock.stamps[0]
-    samples = batch * len(timed)
-    tokens = sum(batch * r["response_length"] for r in timed)
-    return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
-            "iterations": len(timed), "mean_generate_s": statistics.mean(r["generate_s"] for r in timed),
-            "mean_train_s": statistics.mean(r["train_s"] for r in timed)}
+    world = ds.world_size()
+    pushes = [p["push_s"] for p in result.get("pushes", [])[1:]]
+
+    def median(key):
+        return statistics.median(r.get(key, 0.0) for r in timed)
+
+    return {"samples_per_s": config.rollout_batch_size * world * len(timed) / seconds,
+            "tokens_per_s": sum(r["response_length"] for r in timed) * config.rollout_batch_size * world / seconds,
+            "seconds": seconds, "iterations": len(timed), "generate_s": median("generate_s"),
+            "experience_s": median("experience_s"), "update_s": median("update_s"),
+            "push_s": statistics.median(pushes) if pushes else 0.0, "rank": ds.rank()}
 
 
-def ppo_config(run: Path, out: Path, args, **extra):
-    from learner.config import PPOConfig
+def child_main(spec_file: str) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    spec = json.loads(Path(spec_file).read_text())
+    figures = one_run(spec)
+    if figures["rank"] == 0:
+        Path(spec["result"]).write_text(json.dumps(figures))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- the parent
+def base_config(args, work: Path) -> dict:
+    if args.setting == "dschat":
+        if not TINYSTORIES.is_dir() or not HH_RLHF.is_dir():
+            sys.exit(f"benchmarks.rlhf: the DeepSpeed-Chat setting needs {TINYSTORIES} and {HH_RLHF}")
+        model = str(TINYSTORIES)
+        data = [f"hh-rlhf:{HH_RLHF / part}" for part in ("helpful-base", "harmless-base")]
+        return {"actor_model": model, "critic_model": model, "reward_model": model, "tokenizer": model,
+                "data": data, **DSCHAT}
+    run = Path(args.run).resolve() if args.run else work / "base"
+    prepare(run, args.seed)
     from learner.jobs.pipeline import PPO_DEFAULTS
-    from learner.jobs.up_worker import step_config
 
-    spec = {"seed": args.seed, "data": [], "deepspeed": {"zero_stage": args.zero_stage}}
-    values = {"actor_model": str(run / "sft"), "critic_model": str(run / "reward"), "reward_model": str(run / "reward"),
-              "tokenizer": str(run / "sft"), "iterations": args.iterations, **extra}
-    config = step_config(PPOConfig, out.parent, out.name, spec, PPO_DEFAULTS, values)
-    config.output_dir = str(out)
-    return config
-
-
-def fresh(out: Path) -> Path:
-    """An empty output folder (metrics.jsonl is appended to, so a reused folder would mix runs)."""
-    shutil.rmtree(out, ignore_errors=True)
-    return out
-
-
-def run_local(run: Path, out: Path, args) -> dict:
-    from learner.ppo.step import run_ppo
-
-    config = ppo_config(run, fresh(out), args)
-    clock = Clock()
-    run_ppo(config, after_iteration=clock)
-    return throughput(out, clock, config.rollout_batch_size)
-
-
-def run_remote(run: Path, out: Path, args, server: str, token_file: Path) -> dict:
-    from learner.ppo.step import run_ppo
-
-    config = ppo_config(run, fresh(out), args, rollout="remote", server=server, max_staleness=1, push_weights=True,
-                        push_token_file=str(token_file))
-    clock = Clock()
-    result = run_ppo(config, after_iteration=clock)      # the push runs before the clock's stamp
-    timing = throughput(out, clock, config.rollout_batch_size)
-    timing["rollout"] = result["rollout"]
-    return timing
+    return {**PPO_DEFAULTS, "actor_model": str(run / "sft"), "critic_model": str(run / "reward"),
+            "reward_model": str(run / "reward"), "tokenizer": str(run / "sft"), "data": []}
 
 
 def prepare(run: Path, seed: int) -> None:
@@ -109,55 +136,117 @@ def prepare(run: Path, seed: int) -> None:
     run_reward(step_config(RewardConfig, run, "reward", spec, REWARD_DEFAULTS, {"model": model}))
 
 
+def launch(spec: dict, ranks: int, work: Path, name: str) -> dict:
+    """One run in child process(es); its figures."""
+    from common.net import free_port
+
+    out = Path(spec["config"]["output_dir"])
+    shutil.rmtree(out, ignore_errors=True)
+    spec_file, result = work / f"{name}.json", work / f"{name}.result.json"
+    result.unlink(missing_ok=True)
+    spec["result"] = str(result)
+    spec_file.write_text(json.dumps(spec))
+    if ranks == 1:
+        command = [sys.executable, "-m", "benchmarks.rlhf", "--child", str(spec_file)]
+    else:
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+                   str(free_port()), "--module", "benchmarks.rlhf", "--child", str(spec_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    with open(work / f"{name}.log", "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0 or not result.is_file():
+        raise RuntimeError(f"benchmark run {name} failed (exit {code}); see {work / (name + '.log')}")
+    return json.loads(result.read_text())
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--child":
+        return child_main(sys.argv[2])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.rlhf", description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", default="dschat", choices=("dschat", "embedded"))
+    parser.add_argument("--from", dest="run", default="", help="embedded setting: a run folder with sft/ and reward/")
+    parser.add_argument("--work", default="runs/bench-rlhf", help="scratch folder")
+    parser.add_argument("--iterations", type=int, default=26, help="PPO iterations per run (the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--zero-stages", default="0,3")
+    parser.add_argument("--modes", default="local,remote")
+    parser.add_argument("--variants", default="after", help="before (this issue's levers off), after, or both")
+    parser.add_argument("--ranks", type=int, default=1, help="learner ranks (deepspeed launcher when > 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per learner rank (default: all cores for local, one fewer for remote)")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    from common.files import write_private
     from common.process import child_env
     from serving.launch import start_server
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.rlhf", description=__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="run", default="", help="a run folder with sft/ and reward/ (default: train them)")
-    parser.add_argument("--work", default="runs/bench-rlhf", help="scratch folder")
-    parser.add_argument("--iterations", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--zero-stage", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the learner (both loops)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    import torch
-
-    torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _interrupt)      # so the server child is stopped on the way out
     work = Path(args.work).resolve()
-    run = Path(args.run).resolve() if args.run else work / "base"
-    prepare(run, args.seed)
     work.mkdir(parents=True, exist_ok=True)
+    base = base_config(args, work)
+    cores = os.cpu_count() or 2
+    stages = [int(s) for s in args.zero_stages.split(",")]
+    modes, variants = args.modes.split(","), args.variants.split(",")
     token_file = work / "push_token"
     write_private(token_file, secrets.token_hex(16))
-    server = start_server(["--model", str(run / "sft"), "--port", "0", "--push-token-file", str(token_file)],
-                          env=child_env(OMP_NUM_THREADS="1"), log_file=work / "server.log")
+    server = None
+    if "remote" in modes:
+        server = start_server(["--model", base["actor_model"], "--port", "0", "--push-token-file", str(token_file),
+                               "--max-model-len", "512"], env=child_env(OMP_NUM_THREADS="1"),
+                              log_file=work / "server.log")
+    results: dict[tuple, list[dict]] = {}
     try:
-        address = server.address
-        results: dict[str, list[dict]] = {"local": [], "remote": []}
         for r in range(args.repeats):
-            results["local"].append(run_local(run, work / f"local{r}", args))
-            print("local ", json.dumps(results["local"][-1]), flush=True)
-            results["remote"].append(run_remote(run, work / f"remote{r}", args, address, token_file))
-            print("remote", json.dumps(results["remote"][-1]), flush=True)
+            for stage in stages:
+                for mode in modes:
+                    for variant in variants:
+                        key = (stage, mode, variant)
+                        name = f"z{stage}-{mode}-{variant}-{r}"
+                        threads = args.threads or max(1, (cores - (1 if mode == "remote" else 0)) // args.ranks)
+                        config = {**base, "seed": args.seed, "iterations": args.iterations,
+                                  "output_dir": str(work / name), "deepspeed": {"zero_stage": stage},
+                                  **(BEFORE if variant == "before" else {})}
+                        if mode == "remote":
+                            config.update(rollout="remote", server=server.address, max_staleness=1,
+                                          push_weights=True, push_token_file=str(token_file))
+                        figures = launch({"config": config, "threads": threads}, args.ranks, work, name)
+                        results.setdefault(key, []).append(figures)
+                        print(f"{name:24s} {json.dumps({k: round(v, 3) for k, v in figures.items()})}", flush=True)
     finally:
-        server.stop()
-    print(f"\nstep-3 throughput, embedded task, {args.iterations - 1} timed iterations x {args.repeats} runs each:")
-    for key in ("samples_per_s", "tokens_per_s"):
-        a = [x[key] for x in results["local"]]
-        b = [x[key] for x in results["remote"]]
-        print(f"  {key:14s} local min {min(a):8.1f} median {statistics.median(a):8.1f} | two-service min {min(b):8.1f} "
-              f"median {statistics.median(b):8.1f} | ratio (median) {statistics.median(b) / statistics.median(a):.2f}x")
+        if server is not None:
+            server.stop()
+    report(results, args)
     return 0
+
+
+def report(results: dict[tuple, list[dict]], args) -> None:
+    print(f"\nstep-3 throughput, {args.setting} setting, {args.ranks} rank(s), {args.iterations - 1} timed "
+          f"iterations x {args.repeats} runs (median [min-max]); split = per-iteration medians in s:")
+    print(f"{'ZeRO':>4} {'mode':7} {'variant':7} {'samples/s':>22} {'generate':>9} {'experience':>10} {'train':>7} "
+          f"{'push':>6}   DeepSpeed-Chat")
+    for (stage, mode, variant), runs in results.items():
+        rate = [x["samples_per_s"] for x in runs]
+        split = [statistics.median(x[k] for x in runs) for k in ("generate_s", "experience_s", "update_s", "push_s")]
+        ref = REFERENCE["deepspeed-chat"]["2 ranks" if args.ranks > 1 else stage] if args.setting == "dschat" else ""
+        print(f"{stage:>4} {mode:7} {variant:7} {statistics.median(rate):8.1f} [{min(rate):5.1f}-{max(rate):5.1f}]"
+              f"{split[0]:>10.3f} {split[1]:>10.3f} {split[2]:>7.3f} {split[3]:>6.3f}   {ref}")
+    for stage in sorted({k[0] for k in results}):
+        for variant in sorted({k[2] for k in results}):
+            a, b = results.get((stage, "local", variant)), results.get((stage, "remote", variant))
+            if a and b:
+                ratio = statistics.median(x["samples_per_s"] for x in b) / statistics.median(x["samples_per_s"] for x in a)
+                print(f"ZeRO-{stage} {variant}: two-service / local = {ratio:.2f}x")
+        before, after = results.get((stage, "remote", "before")), results.get((stage, "remote", "after"))
+        if before and after:
+            ratio = (statistics.median(x["samples_per_s"] for x in after)
+                     / statistics.median(x["samples_per_s"] for x in before))
+            print(f"ZeRO-{stage} remote: after / before = {ratio:.2f}x")
+    if args.setting == "dschat":
+        print(f"TRL 1.12 PPO, same setting: {REFERENCE['trl 1.12']} samples/s")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,10 @@ class PPOConfig(CommonConfig):
     server_tls_cert: str = ""           # a client certificate, for a server that requires one
     server_tls_key: str = ""
     gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task); = gold.DEFAULT_EVAL_PROMPTS
+    # step-3 speed (issue 11): each is exact or within the stated rounding, and each can be turned off
+    reuse_rollout_logprobs: bool = True  # a fresh rollout's behaviour logprobs are the old policy's: no actor forward
+    frozen_dtype: str = "bfloat16"      # reference and reward models: float32 | bfloat16 (scores only; no training)
+    sort_chunk_rows: int = 4            # experience forwards in length-sorted chunks of this many rows (0: batch order)
 
     def validate(self) -> PPOConfig:
         super().validate()
@@ -220,6 +224,10 @@ class PPOConfig(CommonConfig):
             raise ConfigError("gold_eval_prompts", f"must be >= 1, got {self.gold_eval_prompts}")
         if self.max_staleness < 0:
             raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
+        if self.frozen_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("frozen_dtype", f"must be float32 or bfloat16, got {self.frozen_dtype!r}")
+        if self.sort_chunk_rows < 0:
+            raise ConfigError("sort_chunk_rows", f"must be >= 0 (0: batch order), got {self.sort_chunk_rows}")
         return self
 
 

@@ -147,16 +147,25 @@ def init_engine(model: nn.Module, opts: DeepSpeedOptions, *, batch_size: int, gr
     return engine
 
 
-def init_frozen(model: nn.Module, opts: DeepSpeedOptions, *, batch_size: int):
-    """A frozen model in eval mode: an optimizer-less engine partitioned under ZeRO-3 (as DeepSpeed-Chat
-    does for its reference and reward models), else the plain module on this rank's device."""
+WHOLE_FROZEN_MAX_PARAMS = 300_000_000
+
+
+def init_frozen(model: nn.Module, opts: DeepSpeedOptions, *, batch_size: int, dtype: torch.dtype | None = None,
+                whole_max_params: int = WHOLE_FROZEN_MAX_PARAMS):
+    """A frozen model in eval mode, in `dtype` (default the training dtype). Under ZeRO-3 a model above
+    `whole_max_params` becomes an optimizer-less partitioned engine (as DeepSpeed-Chat does for its reference
+    and reward models); a smaller one stays whole on every rank, so its forwards gather nothing (a copy per
+    rank, the trade the actor's generation copy makes too). Otherwise the plain module on this rank's device."""
     import deepspeed
 
     init_distributed()
     model.requires_grad_(False)
-    if opts.zero_stage != 3:
-        return model.to(device=device(), dtype=torch_dtype(opts)).eval()
-    engine, *_ = deepspeed.initialize(model=model, config=frozen_config(opts, batch_size))
+    dtype = dtype or torch_dtype(opts)
+    if opts.zero_stage != 3 or sum(p.numel() for p in model.parameters()) <= whole_max_params:
+        return model.to(device=device(), dtype=dtype).eval()
+    config = frozen_config(opts, batch_size)
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    engine, *_ = deepspeed.initialize(model=model.to(dtype), config=config)
     engine.eval()
     return engine
 

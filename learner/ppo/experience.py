@@ -75,12 +75,16 @@ class ExperienceBatch:
     score: torch.Tensor                 # [B] reward-model score (after normalisation, before clipping)
     raw_score: torch.Tensor             # [B] reward-model score as the model gave it
     weight_versions: torch.Tensor       # [B]
+    prompt_width: int = 1               # responses start at this column (P); 1 = unknown, score every position
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def _tensors(self) -> list[str]:
+        return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
     def select(self, index: torch.Tensor) -> ExperienceBatch:
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return replace(self, **{name: getattr(self, name)[index] for name in self._tensors()})
 
     def minibatches(self, size: int, generator: torch.Generator):
         """Yield minibatches of `size` rows in a fresh random order (call once per PPO epoch)."""
@@ -89,4 +93,4 @@ class ExperienceBatch:
             yield self.select(order[start:start + size])
 
     def to(self, device: torch.device) -> ExperienceBatch:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{name: getattr(self, name).to(device) for name in self._tensors()})

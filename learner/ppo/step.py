@@ -142,7 +142,9 @@ def _iterations(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, promp
             batch = prompts.next_batch()
             left[0] -= 1
             if isinstance(rollout_source, LocalRolloutSource):
-                rollout_source.weight_version = iteration
+                rollout_source.weight_version = trainer.fresh_version = iteration
+            elif link is not None and link.exact_pushes:      # the server holds exactly the learner's weights
+                trainer.fresh_version = link.source.learner_version
             rollouts = rollout_source.generate(batch.ids, params, group) if group > 1 else \
                 rollout_source.generate(batch.ids, params)
             generated = time.perf_counter()
@@ -156,7 +158,7 @@ def _iterations(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, promp
             elapsed = time.perf_counter() - began
             samples, tokens = all_sum([float(len(rollouts)), float(new_tokens)])
             stats.update(samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed,
-                         generate_s=generated - began, train_s=elapsed - (generated - began))
+                         generate_s=generated - began, train_s=elapsed - (generated - began))   # train_s: experience + update
             metrics.log(iteration + 1, **stats)
             bar.set_postfix(reward=f"{stats['reward_score']:.3f}", kl=f"{stats['kl']:.3f}",
                             **({"gold": f"{stats['gold_score']:.1f}"} if "gold_score" in stats else {}))

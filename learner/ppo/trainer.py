@@ -13,6 +13,7 @@ the batch into minibatches, so reusing a batch never moves the targets (a DeepSp
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -23,28 +24,13 @@ from learner.config import PPOConfig, samples_per_prompt
 from learner.ppo import advantages as adv
 from learner.ppo import math as pm
 from learner.ppo.ema import ActorEMA
-from learner.ppo.experience import ExperienceBatch, SequenceBatch, position_ids
+from learner.ppo.experience import ExperienceBatch, SequenceBatch
+from learner.ppo.forward import ChunkPlan, reward_scores, sequence_logprobs, sequence_values
 from learner.rollout.local import Rollout
 
 log = logging.getLogger(__name__)
 
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(token i+1 | tokens <= i) under a causal LM, [B, L - 1] float32."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   use_cache=False).logits
-    return pm.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
-
-
-def sequence_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The critic's value of each state that emits token i+1, [B, L - 1]."""
-    return model(input_ids, attention_mask, position_ids(attention_mask))[:, :-1]
-
-
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward model's score at the last real token of each row, [B]."""
-    return ds.unwrap(model).score(input_ids, attention_mask, position_ids(attention_mask))
+__all__ = ["PPOTrainer", "reward_scores", "sequence_logprobs", "sequence_values"]
 
 
 class PPOTrainer:
@@ -59,25 +45,49 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed + ds.rank())
         self.group = samples_per_prompt(config)
         self.device = ds.device()
+        # the learner's weight version when rollouts made by the very weights being trained carry this version
+        # (local rollouts; a server that gets every push exactly); None: no rollout is taken as fresh
+        self.fresh_version: int | None = None
+        self.last_fresh = 0.0
 
     # ------------------------------------------------------------------ experience
+    def fresh_rows(self, rollouts: list[Rollout]) -> torch.Tensor:
+        """[B] bool: rows made by exactly the weights being trained, whose behaviour logprobs then are the old
+        policy's (see fresh_version)."""
+        if self.fresh_version is None or not self.config.reuse_rollout_logprobs:
+            return torch.zeros(len(rollouts), dtype=torch.bool)
+        return torch.tensor([r.weight_version == self.fresh_version and len(r.logprobs) == len(r.response_ids)
+                             for r in rollouts], dtype=torch.bool)
+
     @torch.no_grad()
     def make_experience(self, rollouts: list[Rollout]) -> ExperienceBatch:
         seq = SequenceBatch.from_rollouts(rollouts, self.pad_id)
         ids, attn = seq.input_ids.to(self.device), seq.attention_mask.to(self.device)
         mask = seq.action_mask.to(self.device)
+        width = seq.prompt_width
+        behaviour = seq.behaviour_logprobs.to(self.device)
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
-        chunk = self.config.mini_batch_size  # bounds the activation memory of the four forwards
-
-        def run(fn, model) -> torch.Tensor:
-            return torch.cat([fn(model, ids[i:i + chunk], attn[i:i + chunk]) for i in range(0, len(ids), chunk)])
-
-        logprobs = run(sequence_logprobs, self.actor)
-        ref_logprobs = run(sequence_logprobs, self.reference)
-        values = run(sequence_values, self.critic).float() if self.critic is not None else torch.zeros_like(logprobs)
-        raw_score = run(reward_scores, self.reward).float()
+        rows = self.config.sort_chunk_rows    # chunks bound the activation memory of the forwards too
+        plan = (ChunkPlan.make(attn, width, min(rows, self.config.mini_batch_size)) if rows
+                else ChunkPlan.in_order(len(rollouts), self.config.mini_batch_size))
+        fresh = self.fresh_rows(rollouts).to(self.device)
+        if fresh.all():                         # veRL's use_rollout_log_probs: no actor forward at all
+            logprobs = behaviour.clone()
+        elif fresh.any():
+            stale = (~fresh).nonzero().squeeze(1)
+            sub = (ChunkPlan.make(attn[stale], width, min(rows, self.config.mini_batch_size)) if rows
+                   else ChunkPlan.in_order(len(stale), self.config.mini_batch_size))
+            logprobs = behaviour.clone()
+            logprobs[stale] = sub.run(sequence_logprobs, self.actor, ids[stale], attn[stale], width)
+        else:
+            logprobs = plan.run(sequence_logprobs, self.actor, ids, attn, width)
+        ref_logprobs = plan.run(sequence_logprobs, self.reference, ids, attn, width).float()
+        values = (plan.run(sequence_values, self.critic, ids, attn, width).float() if self.critic is not None
+                  else torch.zeros_like(logprobs))
+        raw_score = plan.run(reward_scores, self.reward, ids, attn, width).float()
+        self.last_fresh = float(fresh.float().mean())
         self.actor.train()
         if self.critic is not None:
             self.critic.train()
@@ -96,7 +106,7 @@ class PPOTrainer:
             input_ids=ids, attention_mask=attn, action_mask=mask, logprobs=logprobs * mask,
             ref_logprobs=ref_logprobs * mask, behaviour_logprobs=seq.behaviour_logprobs.to(self.device),
             values=values * mask, rewards=rewards, advantages=advantages, returns=returns, score=score,
-            raw_score=raw_score, weight_versions=seq.weight_versions.to(self.device))
+            raw_score=raw_score, weight_versions=seq.weight_versions.to(self.device), prompt_width=width)
 
     def advantages(self, logprobs, ref_logprobs, values, score, mask):
         """(per-token rewards, advantages, returns) [B, T] by config.algo; see learner.ppo.advantages."""
@@ -135,7 +145,7 @@ class PPOTrainer:
         return weights, stats.metrics()
 
     def actor_step(self, mb: ExperienceBatch) -> dict[str, float]:
-        logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask)
+        logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask, mb.prompt_width)
         weights, weight_stats = self.importance_weights(mb)
         loss, stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.action_mask, self.config.cliprange,
                                      weights, cliprange_high=self.config.cliprange_high)
@@ -176,8 +186,11 @@ class PPOTrainer:
 
     def step(self, rollouts: list[Rollout]) -> dict[str, float]:
         """One PPO iteration on these rollouts; returns its metrics."""
+        began = time.perf_counter()
         exp = self.make_experience(rollouts)
+        made = time.perf_counter()
         stats = self.train_on(exp)
+        stats.update(experience_s=made - began, update_s=time.perf_counter() - made, fresh_fraction=self.last_fresh)
         kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.action_mask)
         kl_mean = kl.mean().item()
         self.kl_ctl.update(kl_mean, len(exp))

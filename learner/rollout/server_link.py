@@ -62,6 +62,11 @@ class ServerLink:
                  source.learner_version, config.max_staleness, encoding if pusher else "off")
         return cls(source, pusher, source.learner_version)
 
+    @property
+    def exact_pushes(self) -> bool:
+        """Whether the server serves exactly the learner's weights at the learner's version (fp32 pushes)."""
+        return self.pusher is not None and self.pusher.encoding == "float32"
+
     def after_iteration(self, iteration: int, models, stats: dict) -> None:
         if self.pusher is not None:
             self.pusher(iteration, models, stats)

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from common.errors import ConfigError
 from learner import checkpoint, modeling
 from learner.config import DeepSpeedOptions, LoraOptions, PPOConfig
+from learner.ds import unwrap as ds_unwrap
 from learner.ppo import math as pm
 from learner.ppo.models import load_models
 from learner.ppo.step import run_ppo
@@ -45,13 +46,13 @@ def _config(run_dir, **overrides) -> PPOConfig:
     base = dict(output_dir=str(run_dir / "ppo"), data=[f"dschat:{run_dir / 'prompts.jsonl'}"], data_split="0,0,1",
                 rollout_batch_size=8, mini_batch_size=4, max_new_tokens=16, ppo_epochs=2, kl_coef=0.05,
                 actor_learning_rate=2e-4, critic_learning_rate=2e-4, cache_dir=str(run_dir / "cache"),
-                deepspeed=DeepSpeedOptions(zero_stage=3))
+                frozen_dtype="float32", deepspeed=DeepSpeedOptions(zero_stage=3))
     base.update(overrides)
     return PPOConfig(**base).validate()
 
 
 def test_experience_and_one_ppo_update(run_dir):
-    config = _config(run_dir)
+    config = _config(run_dir, reuse_rollout_logprobs=False)   # every forward recomputed, fp32 frozen models
     models = load_models(config)
     tok = models.tokenizer
     prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES, THINGS)] + [[1, 4, 5]]
@@ -104,7 +105,9 @@ def test_run_ppo_with_lora_ema_ptx_saves_loadable_checkpoints_and_resumes(run_di
     for key in ("reward_score", "kl", "actor_loss", "critic_loss", "clip_fraction", "response_length",
                 "samples_per_s", "tokens_per_s"):
         assert key in rows[-1], key
-    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)   # the first batch is sampled from the reference policy
+    # the first batch is sampled from the reference policy: KL 0 up to the rounding between generate's cached
+    # decode (whose logprobs are the old policy's for fresh rollouts) and a full forward
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=2e-2)
 
     loaded = {}
     for name in ("actor", "actor_ema"):
@@ -150,13 +153,14 @@ def test_two_rank_zero3_ppo_under_the_deepspeed_launcher(run_dir):
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "learner", "ppo", "--data", f"dschat:{run_dir / 'prompts.jsonl'}", "--data_split", "0,0,1",
            "--output_dir", str(out), "--iterations", "2", "--rollout_batch_size", "4", "--mini_batch_size", "2",
-           "--max_new_tokens", "12", "--ema_decay", "0.5", "--zero_stage", "3", "--cache_dir", str(run_dir / "cache")]
+           "--max_new_tokens", "12", "--ema_decay", "0.5", "--zero_stage", "3", "--frozen_dtype", "float32",
+           "--cache_dir", str(run_dir / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"step": "ppo"')][-1])
     assert final["iterations"] == 2
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == pytest.approx(0.0, abs=2e-2)
     for folder in ("actor", "actor_ema"):
         _, info = AutoModelForCausalLM.from_pretrained(str(out / folder), output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -262,3 +266,52 @@ def test_a_response_cut_before_its_eos_pays_the_missing_eos_penalty(run_dir):
     trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
     exp = trainer.make_experience(rollouts)
     torch.testing.assert_close(exp.score, exp.raw_score - 3.0 * cut)
+
+
+def test_the_fast_experience_equals_the_full_one(run_dir):
+    """Issue 11's levers against the plain experience on the same rollouts: length-sorted chunks cut to their
+    own prompts and response-only logits change nothing beyond float rounding; reusing fresh rollouts'
+    behaviour logprobs skips the actor's forward (its logprobs are generate's, exactly); bf16 frozen models
+    stay within bf16 rounding of fp32 ones."""
+    config = _config(run_dir, reuse_rollout_logprobs=False, sort_chunk_rows=0)
+    models = load_models(config)
+    tok = models.tokenizer
+    prompts = [tok(f"Once upon a time, {n} had a {t}." + " Then" * i).input_ids
+               for i, (n, t) in enumerate(zip(NAMES, THINGS))] + [[1, 4, 5]]
+    rollouts = LocalRolloutSource(models.actor, tok).generate(prompts, SamplingParams(max_new_tokens=12, seed=3))
+    for r in rollouts:
+        r.weight_version = 7
+    plain = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
+    full = plain.make_experience(rollouts)
+    assert plain.last_fresh == 0.0
+
+    sorted_config = dataclasses.replace(config, sort_chunk_rows=2)
+    chunked = PPOTrainer(sorted_config, models.actor, models.critic, models.reference, models.reward,
+                         tok.pad_token_id).make_experience(rollouts)
+    for name in ("logprobs", "ref_logprobs", "values", "raw_score", "advantages", "returns"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(full, name), atol=2e-5, rtol=0, msg=name)
+
+    reuse = PPOTrainer(dataclasses.replace(sorted_config, reuse_rollout_logprobs=True), models.actor, models.critic,
+                       models.reference, models.reward, tok.pad_token_id)
+    reuse.fresh_version = 7
+    calls = []
+    hook = ds_unwrap(models.actor).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fresh = reuse.make_experience(rollouts)
+        assert calls == [] and reuse.last_fresh == 1.0          # no actor forward for fresh rows
+        torch.testing.assert_close(fresh.logprobs, fresh.behaviour_logprobs * fresh.action_mask, atol=0, rtol=0)
+        torch.testing.assert_close(fresh.logprobs, full.logprobs, atol=2e-4, rtol=0)
+        rollouts[0].weight_version = 6                          # one stale row: only it is recomputed
+        mixed = reuse.make_experience(rollouts)
+        assert len(calls) == 1 and reuse.last_fresh == pytest.approx(1 - 1 / len(rollouts))
+        torch.testing.assert_close(mixed.logprobs[0], full.logprobs[0], atol=2e-5, rtol=0)
+    finally:
+        hook.remove()
+
+    bf16 = load_models(dataclasses.replace(config, frozen_dtype="bfloat16"))
+    assert next(ds_unwrap(bf16.reference).parameters()).dtype == torch.bfloat16
+    half = PPOTrainer(config, models.actor, models.critic, bf16.reference, bf16.reward,
+                      tok.pad_token_id).make_experience(rollouts)
+    token_error = ((half.ref_logprobs - full.ref_logprobs).abs() * full.action_mask).sum() / full.action_mask.sum()
+    assert 0 < token_error < 0.05, token_error
+    assert (half.raw_score - full.raw_score).abs().max() < 0.05 * full.raw_score.abs().max() + 1e-3
