@@ -12,6 +12,7 @@ the batch into minibatches, so reusing a batch never moves the targets (a DeepSp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -24,17 +25,21 @@ from learner.ppo import advantages as adv
 from learner.ppo import math as pm
 from learner.ppo.ema import ActorEMA
 from learner.ppo.experience import ExperienceBatch, SequenceBatch, position_ids
+from learner.ppo.processing import LogitProcessing, processing_for
 from learner.rollout.local import Rollout
 
 log = logging.getLogger(__name__)
 
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(token i+1 | tokens <= i) under a causal LM, [B, L - 1] float32."""
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      processing: LogitProcessing | None = None):
+    """log p(token i+1 | tokens <= i) under a causal LM, [B, L - 1] float32. With `processing`, the pair
+    (those raw logprobs, the ones under the sampled distribution: learner.ppo.processing) of one forward."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                    use_cache=False).logits
-    return pm.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+    raw = pm.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+    return raw if processing is None else (raw, processing.logprobs(logits[:, :-1], input_ids[:, 1:]))
 
 
 def sequence_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -59,6 +64,7 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed + ds.rank())
         self.group = samples_per_prompt(config)
         self.device = ds.device()
+        self.processing = processing_for(config)   # the ratios' distribution; None: raw (config.logprobs_mode)
 
     # ------------------------------------------------------------------ experience
     @torch.no_grad()
@@ -135,9 +141,11 @@ class PPOTrainer:
         return weights, stats.metrics()
 
     def actor_step(self, mb: ExperienceBatch) -> dict[str, float]:
-        logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask)
+        logprobs = ratio_logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask, self.processing)
+        if self.processing is not None:
+            logprobs, ratio_logprobs = logprobs
         weights, weight_stats = self.importance_weights(mb)
-        loss, stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.action_mask, self.config.cliprange,
+        loss, stats = pm.policy_loss(ratio_logprobs, mb.logprobs, mb.advantages, mb.action_mask, self.config.cliprange,
                                      weights, cliprange_high=self.config.cliprange_high)
         out = {"actor_loss": loss.item(), "clip_fraction": stats["clip_fraction"].item(),
                "policy_kl": stats["approx_kl"].item(), **weight_stats}
@@ -164,6 +172,7 @@ class PPOTrainer:
 
     def train_on(self, exp: ExperienceBatch) -> dict[str, float]:
         """ppo_epochs passes over the batch, reshuffled into minibatches each pass; mean stats."""
+        exp = self.ratio_logprobs(exp)
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for _ in range(self.config.ppo_epochs):
@@ -173,6 +182,19 @@ class PPOTrainer:
                     sums[k] += v
                 count += 1
         return {k: v / count for k, v in sums.items()}
+
+    @torch.no_grad()
+    def ratio_logprobs(self, exp: ExperienceBatch) -> ExperienceBatch:
+        """The batch whose `logprobs` are the old policy's of the ratios' distribution: as made (raw) or, with
+        logprobs_mode "processed", under the sampling processing (one more actor forward, before any update)."""
+        if self.processing is None:
+            return exp
+        self.actor.eval()
+        chunk = self.config.mini_batch_size
+        old = torch.cat([sequence_logprobs(self.actor, exp.input_ids[i:i + chunk], exp.attention_mask[i:i + chunk],
+                                           self.processing)[1] for i in range(0, len(exp), chunk)])
+        self.actor.train()
+        return dataclasses.replace(exp, logprobs=old * exp.action_mask)
 
     def step(self, rollouts: list[Rollout]) -> dict[str, float]:
         """One PPO iteration on these rollouts; returns its metrics."""
