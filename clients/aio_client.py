@@ -35,6 +35,7 @@ class AsyncTandemClient:
 
     async def generate(self, prompts: PromptLike | Sequence[PromptLike], *, request_id: str = "",
                        timeout: float | None = None, **params) -> list[Completion]:
+        """As TandemClient.generate (the same sampling options, logprobs_mode among them)."""
         request = build_request(prompts, params, request_id)
         try:
             response = await self._stub.Generate(request, timeout=self._deadline(timeout))

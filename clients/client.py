@@ -67,7 +67,8 @@ class TandemClient:
                  timeout: float | None = None, **params) -> list[Completion]:
         """Complete one prompt or a batch (a str or a list of ints is one prompt); one Completion each,
         in prompt order. Sampling options: temperature, top_p, top_k, seed, max_new_tokens,
-        min_new_tokens, ignore_eos, stop_token_ids, stop."""
+        min_new_tokens, ignore_eos, stop_token_ids, stop, logprobs_mode ("raw", the default: logprobs of
+        the model's own distribution; "processed": of the one sampled from, after temperature/top-k/top-p)."""
         request = build_request(prompts, params, request_id)
         try:
             response = self._stub.Generate(request, timeout=self._deadline(timeout))

@@ -13,7 +13,7 @@ from protos.names import FINISH_FROM_PROTO
 PromptLike = str | Sequence[int]
 
 PARAM_NAMES = ("temperature", "top_p", "top_k", "seed", "max_new_tokens", "min_new_tokens",
-               "ignore_eos", "stop_token_ids", "stop")
+               "ignore_eos", "stop_token_ids", "stop", "logprobs_mode")
 
 
 class TandemError(RuntimeError):
@@ -49,7 +49,8 @@ class Completion:
 
 @dataclass
 class Experience:
-    """One sample of a rollout (StreamExperience), with the logprobs of the policy that sampled it."""
+    """One sample of a rollout (StreamExperience), with the logprobs of the policy that sampled it: under its
+    raw distribution, or the processed one it sampled from when the request set logprobs_mode="processed"."""
     rollout_id: str
     prompt_index: int
     sample_index: int

@@ -14,6 +14,7 @@ from common.errors import ConfigError
 STEPS = ("sft", "reward", "ppo")
 ALGOS = ("ppo", "grpo", "rloo", "reinforce++")    # step 3's advantage estimators (learner.ppo.advantages)
 GROUP_ALGOS = ("grpo", "rloo")                    # those whose baseline is the other samples of the prompt
+LOGPROBS_MODES = ("raw", "processed")             # the distribution of the policy ratios (learner.ppo.processing)
 
 
 @dataclass
@@ -143,6 +144,12 @@ class PPOConfig(CommonConfig):
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0                      # rollouts: sample among the k most likely tokens; 0 = off
+    # The distribution PPO's ratio and the importance ratio of stale samples are over: "raw" (the model's own,
+    # temperature 1) or "processed" (the one rollouts are sampled from: temperature, top_k, top_p applied).
+    # Named as the server's sampling option, which the remote source sends as is, so the learner's logprobs
+    # and the server's behaviour logprobs are always of the same distribution. The KL to the reference stays raw.
+    logprobs_mode: str = "raw"
     min_new_tokens: int = 0             # rollouts: no EOS before this many tokens
     ignore_eos: bool = False            # rollouts: every response runs to max_new_tokens
     actor_learning_rate: float = 9.65e-6
@@ -209,6 +216,14 @@ class PPOConfig(CommonConfig):
                                                 f"got {self.min_new_tokens}")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ConfigError("logprobs_mode", f"must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
+        if self.logprobs_mode == "processed" and self.min_new_tokens > 0 and not self.ignore_eos:
+            raise ConfigError("logprobs_mode", "processed with min_new_tokens > 0 is not supported: the sampler "
+                                               "masks EOS below min_new_tokens, which the learner's ratio does not "
+                                               "model (use logprobs_mode raw, min_new_tokens 0 or ignore_eos)")
         for name in ("kl_coef", "clip_reward_value", "cliprange", "cliprange_value", "ptx_coef", "missing_eos_penalty"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")

@@ -99,6 +99,8 @@ def test_behaviour_logprobs_equal_the_learners_logprobs(server, tinystories_path
                                                params=tandem_pb2.SamplingParams(top_p=1.5))),
     ("prompts[1].token_ids.ids[0]", tandem_pb2.RolloutRequest(prompts=[
         tandem_pb2.Prompt(text="x"), tandem_pb2.Prompt(token_ids=tandem_pb2.TokenIds(ids=[99999]))])),
+    ("params.logprobs_mode", tandem_pb2.RolloutRequest(prompts=[tandem_pb2.Prompt(text="x")],
+                                                       params=tandem_pb2.SamplingParams(logprobs_mode="sampled"))),
     ("params.min_new_tokens", tandem_pb2.RolloutRequest(prompts=[tandem_pb2.Prompt(text="x")],
                                                         params=tandem_pb2.SamplingParams(max_new_tokens=4,
                                                                                          min_new_tokens=9))),

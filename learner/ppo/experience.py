@@ -65,9 +65,12 @@ class ExperienceBatch:
     input_ids: torch.Tensor             # [B, L]
     attention_mask: torch.Tensor        # [B, L]
     action_mask: torch.Tensor           # [B, L - 1]
-    logprobs: torch.Tensor              # the actor's logprobs when the batch was made ("old")
+    logprobs: torch.Tensor              # the actor's raw logprobs when the batch was made ("old"; the KL's)
+    ratio_logprobs: torch.Tensor        # the same under the policy ratios' distribution (= logprobs unless
+                                        # config.logprobs_mode is "processed": learner.ppo.processing)
     ref_logprobs: torch.Tensor
-    behaviour_logprobs: torch.Tensor    # from the rollout source (equal to logprobs for a fresh local rollout)
+    behaviour_logprobs: torch.Tensor    # from the rollout source, of the ratios' distribution (config.logprobs_mode):
+                                        # equal to the old ones for a fresh local rollout
     values: torch.Tensor                # the critic's values when the batch was made ("old")
     rewards: torch.Tensor               # KL-penalised per-token rewards
     advantages: torch.Tensor

@@ -17,17 +17,22 @@ import torch.nn.functional as F
 from learner import ds
 from learner.ppo import math as pm
 from learner.ppo.experience import position_ids
+from learner.ppo.processing import LogitProcessing
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      prompt_width: int = 1) -> torch.Tensor:
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int = 1,
+                      processing: LogitProcessing | None = None):
     """log p(token i+1 | tokens <= i) under a causal LM, [B, L - 1] float32, for i >= prompt_width - 1
-    (the response); the positions before are 0. prompt_width 1 scores every position."""
+    (the response); the positions before are 0. prompt_width 1 scores every position. With `processing`, the
+    pair (those raw logprobs, the ones under the sampled distribution: learner.ppo.processing) of one forward."""
     keep = input_ids.shape[1] - prompt_width + 1                 # logits of positions P-1 .. L-1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   use_cache=False, logits_to_keep=keep).logits
-    logprobs = pm.logprobs_from_logits(logits[:, :-1], input_ids[:, prompt_width:])
-    return F.pad(logprobs, (prompt_width - 1, 0))
+                   use_cache=False, logits_to_keep=keep).logits[:, :-1]
+    labels = input_ids[:, prompt_width:]
+    raw = F.pad(pm.logprobs_from_logits(logits, labels), (prompt_width - 1, 0))
+    if processing is None:
+        return raw
+    return raw, F.pad(processing.logprobs(logits, labels), (prompt_width - 1, 0))
 
 
 def sequence_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int = 1) -> torch.Tensor:
@@ -70,16 +75,21 @@ class ChunkPlan:
             chunks.append((first, end, prompt_width - longest))
         return cls(order, chunks)
 
-    def run(self, fn: Forward, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            prompt_width: int) -> torch.Tensor:
+    def run(self, fn: Forward, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+            **kwargs):
+        """fn over every chunk, merged back into batch order (a tuple result: each of its tensors)."""
         parts = []
         for first, end, start in self.chunks:
             index = self.order[first:end].to(input_ids.device)
-            out = fn(model, input_ids[index, start:], attention_mask[index, start:], prompt_width - start)
-            if out.dim() > 1:                                      # per-token: put back the dropped columns
-                out = F.pad(out, (start, 0))
-            parts.append(out)
-        merged = torch.cat(parts)
+            out = fn(model, input_ids[index, start:], attention_mask[index, start:], prompt_width - start, **kwargs)
+            parts.append(out if isinstance(out, tuple) else (out,))
+        merged = tuple(self._merge([p[i] for p in parts]) for i in range(len(parts[0])))
+        return merged if isinstance(out, tuple) else merged[0]
+
+    def _merge(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        if pieces[0].dim() > 1:                                    # per-token: put back the dropped columns
+            pieces = [F.pad(piece, (start, 0)) for piece, (_, _, start) in zip(pieces, self.chunks)]
+        merged = torch.cat(pieces)
         result = torch.empty_like(merged)
         result[self.order.to(merged.device)] = merged
         return result

@@ -102,7 +102,8 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
     trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward,
                          tokenizer.pad_token_id, ema=models.ema, ptx_batches=_ptx_batches(config, tokenizer))
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                            top_p=config.top_p, min_new_tokens=config.min_new_tokens, ignore_eos=config.ignore_eos)
+                            top_p=config.top_p, top_k=config.top_k, min_new_tokens=config.min_new_tokens,
+                            ignore_eos=config.ignore_eos, logprobs_mode=config.logprobs_mode)
     group = samples_per_prompt(config)  # responses per prompt (grpo/rloo compare them with each other)
     gold: GoldJudge | None = gold_judge_for(config, tokenizer)
     out = Path(config.output_dir)

@@ -26,6 +26,7 @@ from learner.ppo import math as pm
 from learner.ppo.ema import ActorEMA
 from learner.ppo.experience import ExperienceBatch, SequenceBatch
 from learner.ppo.forward import ChunkPlan, reward_scores, sequence_logprobs, sequence_values
+from learner.ppo.processing import processing_for
 from learner.rollout.local import Rollout
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed + ds.rank())
         self.group = samples_per_prompt(config)
         self.device = ds.device()
+        self.processing = processing_for(config)   # the ratios' distribution; None: raw (config.logprobs_mode)
         # the learner's weight version when rollouts made by the very weights being trained carry this version
         # (local rollouts; a server that gets every push exactly); None: no rollout is taken as fresh
         self.fresh_version: int | None = None
@@ -54,7 +56,8 @@ class PPOTrainer:
     def fresh_rows(self, rollouts: list[Rollout]) -> torch.Tensor:
         """[B] bool: rows made by exactly the weights being trained, whose behaviour logprobs then are the old
         policy's (see fresh_version)."""
-        if self.fresh_version is None or not self.config.reuse_rollout_logprobs:
+        # with processed ratios the KL still needs the actor's raw logprobs, so its forward runs anyway
+        if self.fresh_version is None or not self.config.reuse_rollout_logprobs or self.processing is not None:
             return torch.zeros(len(rollouts), dtype=torch.bool)
         return torch.tensor([r.weight_version == self.fresh_version and len(r.logprobs) == len(r.response_ids)
                              for r in rollouts], dtype=torch.bool)
@@ -73,16 +76,18 @@ class PPOTrainer:
         plan = (ChunkPlan.make(attn, width, min(rows, self.config.mini_batch_size)) if rows
                 else ChunkPlan.in_order(len(rollouts), self.config.mini_batch_size))
         fresh = self.fresh_rows(rollouts).to(self.device)
-        if fresh.all():                         # veRL's use_rollout_log_probs: no actor forward at all
-            logprobs = behaviour.clone()
-        elif fresh.any():
-            stale = (~fresh).nonzero().squeeze(1)
-            sub = (ChunkPlan.make(attn[stale], width, min(rows, self.config.mini_batch_size)) if rows
-                   else ChunkPlan.in_order(len(stale), self.config.mini_batch_size))
-            logprobs = behaviour.clone()
-            logprobs[stale] = sub.run(sequence_logprobs, self.actor, ids[stale], attn[stale], width)
-        else:
-            logprobs = plan.run(sequence_logprobs, self.actor, ids, attn, width)
+        logprobs = ratio_logprobs = behaviour.clone()     # fresh rows (raw ratios): generate's are the old policy's
+        stale = (~fresh).nonzero().squeeze(1)
+        if len(stale):                                  # veRL's use_rollout_log_probs: no actor forward when none
+            sub = plan if len(stale) == len(rollouts) else (
+                ChunkPlan.make(attn[stale], width, min(rows, self.config.mini_batch_size)) if rows
+                else ChunkPlan.in_order(len(stale), self.config.mini_batch_size))
+            out = sub.run(sequence_logprobs, self.actor, ids[stale], attn[stale], width, processing=self.processing)
+            raw, ratio = out if self.processing is not None else (out, out)
+            logprobs[stale] = raw
+            if self.processing is not None:
+                ratio_logprobs = behaviour.clone()
+            ratio_logprobs[stale] = ratio
         ref_logprobs = plan.run(sequence_logprobs, self.reference, ids, attn, width).float()
         values = (plan.run(sequence_values, self.critic, ids, attn, width).float() if self.critic is not None
                   else torch.zeros_like(logprobs))
@@ -104,7 +109,7 @@ class PPOTrainer:
         rewards, advantages, returns = self.advantages(logprobs, ref_logprobs, values, score, mask)
         return ExperienceBatch(
             input_ids=ids, attention_mask=attn, action_mask=mask, logprobs=logprobs * mask,
-            ref_logprobs=ref_logprobs * mask, behaviour_logprobs=seq.behaviour_logprobs.to(self.device),
+            ratio_logprobs=ratio_logprobs * mask, ref_logprobs=ref_logprobs * mask, behaviour_logprobs=behaviour,
             values=values * mask, rewards=rewards, advantages=advantages, returns=returns, score=score,
             raw_score=raw_score, weight_versions=seq.weight_versions.to(self.device), prompt_width=width)
 
@@ -140,14 +145,17 @@ class PPOTrainer:
             return None, {}
         from learner.rollout.staleness import DEFAULT_CAP, truncated_importance_ratios
 
-        weights, stats = truncated_importance_ratios(mb.logprobs, mb.behaviour_logprobs, mb.action_mask,
+        weights, stats = truncated_importance_ratios(mb.ratio_logprobs, mb.behaviour_logprobs, mb.action_mask,
                                                      cap=DEFAULT_CAP)
         return weights, stats.metrics()
 
     def actor_step(self, mb: ExperienceBatch) -> dict[str, float]:
-        logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask, mb.prompt_width)
+        logprobs = ratio_logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask, mb.prompt_width,
+                                                      self.processing)
+        if self.processing is not None:
+            logprobs, ratio_logprobs = logprobs
         weights, weight_stats = self.importance_weights(mb)
-        loss, stats = pm.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.action_mask, self.config.cliprange,
+        loss, stats = pm.policy_loss(ratio_logprobs, mb.ratio_logprobs, mb.advantages, mb.action_mask, self.config.cliprange,
                                      weights, cliprange_high=self.config.cliprange_high)
         out = {"actor_loss": loss.item(), "clip_fraction": stats["clip_fraction"].item(),
                "policy_kl": stats["approx_kl"].item(), **weight_stats}

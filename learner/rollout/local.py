@@ -17,6 +17,7 @@ import torch
 
 from learner import ds
 from learner.ppo.math import logprobs_from_logits
+from learner.ppo.processing import processing_for
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,14 @@ class SamplingParams:
     seed: int | None = None
     min_new_tokens: int = 0             # no EOS before this many tokens
     ignore_eos: bool = False            # every response runs to max_new_tokens (as DeepSpeed-Chat's fixed-length rollouts)
+    logprobs_mode: str = "raw"          # the behaviour logprobs' distribution: raw | processed (learner.ppo.processing)
 
 
 @dataclass
 class Rollout:
-    """One finished response. `logprobs` are behaviour logprobs: log p(token) under the raw distribution
-    (temperature 1, no top-k/p) of the weights that produced it, one per response token."""
+    """One finished response. `logprobs` are behaviour logprobs, one per response token: log p(token) under
+    the weights that produced it, in the distribution the learner's ratios are over (its SamplingParams'
+    logprobs_mode): the raw one (temperature 1, no top-k/p), or the processed one it was sampled from."""
 
     prompt_ids: list[int]
     response_ids: list[int]
@@ -159,7 +162,11 @@ class LocalRolloutSource:
             model.train(was_training)
         new_tokens = out.sequences[:, input_ids.shape[1]:]
         logits = torch.stack(out.logits, dim=1)                      # [B, N, V] raw, before any warper
-        logprobs = logprobs_from_logits(logits, new_tokens).cpu()
+        processing = processing_for(params)
+        # processed: scored as the learner scores its ratios (the same function on the same raw logits), so a
+        # fresh local rollout's behaviour logprobs equal the learner's old ones
+        logprobs = (logprobs_from_logits(logits, new_tokens) if processing is None
+                    else processing.logprobs(logits, new_tokens)).cpu()
         rollouts = []
         for row, prompt in enumerate(prompts):
             tokens, reason = cut_at_eos(new_tokens[row].tolist(), self.eos_ids)

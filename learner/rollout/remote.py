@@ -42,7 +42,7 @@ def sampling_options(params: SamplingParams) -> dict:
     """The client SDK's sampling keywords for the learner's SamplingParams."""
     return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
             "max_new_tokens": params.max_new_tokens, "seed": params.seed, "min_new_tokens": params.min_new_tokens,
-            "ignore_eos": params.ignore_eos}
+            "ignore_eos": params.ignore_eos, "logprobs_mode": params.logprobs_mode}
 
 
 def request_for(prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1,

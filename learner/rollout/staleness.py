@@ -6,7 +6,9 @@ is corrected with a truncated importance ratio min(exp(logp_learner - logp_behav
 token, as in IMPALA's V-trace and the decoupled PPO objective of AReaL: the PPO ratio is taken against
 the learner's own "old" logprobs, and this weight moves the behaviour distribution onto them. Samples
 beyond the bound, or from a version the learner never had (ahead of it), are dropped. Every function
-returns counts for the logs. Pure functions, no state.
+returns counts for the logs. Pure functions, no state. Both logprobs of a ratio must be of the same
+distribution: PPOConfig.logprobs_mode picks it for the learner and for the server's behaviour logprobs
+alike (raw, or the processed one sampled from: learner.ppo.processing).
 """
 
 from __future__ import annotations

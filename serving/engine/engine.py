@@ -26,7 +26,6 @@ from serving.engine.sampler import Sampler
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from serving.engine.sequence import Sequence
-from serving.engine.top_logprobs import top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +153,7 @@ class LLMEngine:
                 sampling.append(seq)
         if not sampling:
             return []
-        token_ids, logprobs, failed = sample_isolated(self.sampler, logits, sampling)
-        top = top_logprobs(logits, sampling)
+        token_ids, logprobs, top, failed = sample_isolated(self.sampler, logits, sampling)
         outputs = []
         for i, (seq, token_id, logprob) in enumerate(zip(sampling, token_ids, logprobs)):
             if i in failed:                          # this request's numbers, not the engine: end it alone
@@ -163,7 +161,7 @@ class LLMEngine:
                 continue
             try:
                 seq.append_token(token_id, logprob)
-                if top is not None and seq.params.top_logprobs:
+                if seq.params.top_logprobs:
                     seq.output_top_logprobs.append(top[i][:seq.params.top_logprobs])
                 self.tokens_generated += 1
                 self._check_finish(seq, token_id)

@@ -55,8 +55,9 @@ def row_problem(row: torch.Tensor, seq: Sequence, eos_token_ids: list[int]) -> s
 
 
 def sample_isolated(sampler, logits: torch.Tensor, seqs: list[Sequence]
-                    ) -> tuple[list[int | None], list[float | None], dict[int, str]]:
-    """Sample every usable row; return (tokens, logprobs, {row: why it failed}). Failed rows get None.
+                    ) -> tuple[list[int | None], list[float | None], list[list[tuple[int, float]]], dict[int, str]]:
+    """Sample every usable row; return (tokens, logprobs, top logprobs, {row: why it failed}). Failed rows get
+    None (and [] top logprobs, as rows that did not ask for them).
 
     The fast path is one batched sampler call; only when it raises are the rows sampled one by one, so
     a failure is pinned on its own request."""
@@ -73,19 +74,24 @@ def sample_isolated(sampler, logits: torch.Tensor, seqs: list[Sequence]
     good = [i for i in range(n) if i not in failed]
     tokens: list[int | None] = [None] * n
     logprobs: list[float | None] = [None] * n
+    tops: list[list[tuple[int, float]]] = [[] for _ in range(n)]
     if not good:
-        return tokens, logprobs, failed
+        return tokens, logprobs, tops, failed
     try:
         rows = logits if len(good) == n else logits[good]
-        got_t, got_lp = sampler(rows, [seqs[i] for i in good])
-        for i, t, lp in zip(good, got_t, got_lp):
+        got_t, got_lp, got_top = sampler(rows, [seqs[i] for i in good])
+        for j, (i, t, lp) in enumerate(zip(good, got_t, got_lp)):
             tokens[i], logprobs[i] = t, lp
+            if got_top is not None:
+                tops[i] = got_top[j]
     except Exception:  # noqa: BLE001 - find the request that caused it; the others are sampled alone
         for i in good:
             try:
-                (t,), (lp,) = sampler(logits[i:i + 1], [seqs[i]])
+                (t,), (lp,), top = sampler(logits[i:i + 1], [seqs[i]])
                 tokens[i], logprobs[i] = t, lp
+                if top is not None:
+                    tops[i] = top[0]
             except Exception as err:  # noqa: BLE001 - this request ends, the step goes on
                 log.warning("request %s: sampling failed: %s: %s", seqs[i].request_id, type(err).__name__, err)
                 failed[i] = f"sampling failed: {type(err).__name__}: {err}"
-    return tokens, logprobs, failed
+    return tokens, logprobs, tops, failed

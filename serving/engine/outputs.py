@@ -11,7 +11,8 @@ class RequestOutput:
     """One request's progress after a step: what is new since its previous output, and everything so far.
 
     Concatenating every `new_text` of a request gives its final `text` (stop strings are cut and
-    never leaked into a delta). `logprobs` are of the sampled tokens under the raw model distribution.
+    never leaked into a delta). `logprobs` are of the sampled tokens under the raw model distribution, or the
+    processed one (params.logprobs_mode, serving.engine.sampler).
     """
 
     request_id: str
@@ -33,7 +34,7 @@ class RequestOutput:
                                    new_logprobs=earlier.new_logprobs + self.new_logprobs,
                                    new_text=earlier.new_text + self.new_text,
                                    new_top_logprobs=earlier.new_top_logprobs + self.new_top_logprobs)
-    # params.top_logprobs most likely (token id, raw logprob) pairs per generated token ([] when not asked)
+    # params.top_logprobs most likely (token id, logprob) pairs per generated token ([] when not asked)
     new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 

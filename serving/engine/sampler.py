@@ -1,37 +1,71 @@
 """Turn a batch of logits into next tokens: greedy (vectorised), temperature, top-k, top-p.
 
-The returned logprob of each sampled token is under the RAW model distribution (log_softmax of the
-fp32 logits, temperature 1, no top-k/top-p, no masking): the learner uses it as the behaviour
-logprob. Sampled rows use their sequence's own torch.Generator, row by row, so a seeded request
-draws the same tokens whatever else is in the batch.
+The logprobs of a row (the sampled token's, and `top_logprobs` when asked) follow its request's
+`logprobs_mode`, as vLLM's option of that name:
+
+- "raw" (default): the RAW model distribution, log_softmax of the fp32 logits (temperature 1, no
+  top-k/top-p, no min_new_tokens mask). It costs one log_softmax over the batch.
+- "processed": the distribution the token was actually drawn from, the log_softmax of the very row
+  `process_logits` hands to the draw: the logits after the min_new_tokens mask, divided by the
+  temperature, then top-k and top-p masked (-inf), so it is renormalised over the kept tokens. A greedy
+  row takes the argmax of the masked logits, so its processed distribution is those logits at
+  temperature 1 with top-k/top-p ignored (as vLLM, which turns both off for greedy requests): the same
+  as raw unless min_new_tokens is masking EOS and stop ids.
+
+The learner uses these as behaviour logprobs: "processed" is the one whose ratio is over the
+distribution actually sampled (learner.ppo.processing computes the same on the learner's side).
+Sampled rows use their sequence's own torch.Generator, row by row, so a seeded request draws the same
+tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence
+from serving.engine.top_logprobs import top_logprobs
+
+
+class Sampled(NamedTuple):
+    token_ids: list[int]
+    logprobs: list[float]                                # of each sampled token, in its row's logprobs_mode
+    top_logprobs: list[list[tuple[int, float]]] | None   # see serving.engine.top_logprobs; None: no row asked
 
 
 class Sampler:
     def __init__(self, eos_token_ids: list[int]):
         self.eos_token_ids = list(eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """logits: [len(seqs), vocab] fp32, row i for seqs[i]. Returns (token ids, raw logprobs)."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+        """logits: [len(seqs), vocab] fp32, row i for seqs[i]."""
         assert logits.shape[0] == len(seqs), f"{logits.shape[0]} logit rows for {len(seqs)} sequences"
         raw = logits = logits.float()
         logits = self._mask_until_min_tokens(logits, seqs)
         tokens = torch.argmax(logits, dim=-1)
+        processed: dict[int, torch.Tensor] = {}     # row -> log_softmax of what it was drawn from ("processed" rows)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled_rows:
             tokens = tokens.cpu()
             rows = logits[sampled_rows].cpu()
             for j, i in enumerate(sampled_rows):
-                tokens[i] = sample_row(rows[j], seqs[i])
+                row = process_logits(rows[j], seqs[i].params)
+                tokens[i] = draw(row, seqs[i].generator)
+                if seqs[i].params.logprobs_mode == "processed":
+                    processed[i] = torch.log_softmax(row, dim=-1)
             tokens = tokens.to(logits.device)
-        token_logprobs = torch.log_softmax(raw, dim=-1).gather(1, tokens.view(-1, 1)).view(-1)
-        return tokens.tolist(), token_logprobs.tolist()
+        if logits is not raw:                       # greedy "processed" rows under the min_new_tokens mask
+            for i, s in enumerate(seqs):
+                if s.params.greedy and s.params.logprobs_mode == "processed" and \
+                        s.num_output_tokens < s.params.min_new_tokens:
+                    processed[i] = torch.log_softmax(logits[i], dim=-1)
+        token_ids = tokens.tolist()
+        token_logprobs = torch.log_softmax(raw, dim=-1).gather(1, tokens.view(-1, 1)).view(-1).tolist()
+        for i, row in processed.items():
+            token_logprobs[i] = row[token_ids[i]].item()
+        return Sampled(token_ids, token_logprobs, top_logprobs(raw, seqs, processed))
 
     def _mask_until_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """EOS (unless ignored) and stop ids get -inf while a sequence is below min_new_tokens."""
@@ -50,9 +84,9 @@ class Sampler:
         return logits if masked is None else masked
 
 
-def sample_row(logits: torch.Tensor, seq: Sequence) -> int:
-    """Sample one token from one row of logits with the sequence's generator."""
-    p = seq.params
+def process_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """One row of logits -> the logits a sampled (non-greedy) row draws from: / temperature, then top-k,
+    then top-p; dropped tokens are -inf. The only implementation of top-k/top-p in serving."""
     logits = logits / p.temperature
     if 0 < p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -64,5 +98,10 @@ def sample_row(logits: torch.Tensor, seq: Sequence) -> int:
         drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    return logits
+
+
+def draw(logits: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from softmax(logits) with the sequence's generator."""
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=seq.generator).item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -11,6 +11,7 @@ from common.errors import InvalidRequest
 # smaller temperatures (1e-40 is a float32 denormal) overflow the division and leave softmax with NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20
+LOGPROBS_MODES = ("raw", "processed")   # serving.engine.sampler says what each one is
 
 
 @dataclass
@@ -28,6 +29,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)   # multi-token stop strings (text cut before them)
     top_logprobs: int = 0             # also report this many most likely tokens per position (0..20)
     priority: int = 0                 # admission order: lower first, FCFS among equals
+    logprobs_mode: str = "raw"        # logprobs (and top_logprobs) of the raw model distribution, or "processed":
+                                      # of the one sampled from (temperature, top-k, top-p applied)
 
     @property
     def greedy(self) -> bool:
@@ -61,6 +64,9 @@ class SamplingParams:
             raise InvalidRequest("top_logprobs", f"must be <= {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise InvalidRequest("priority", f"must be an integer, got {self.priority!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise InvalidRequest("logprobs_mode", f"must be one of {', '.join(LOGPROBS_MODES)}, "
+                                                  f"got {self.logprobs_mode!r:.40}")
         return self
 
 

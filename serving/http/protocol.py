@@ -4,7 +4,8 @@
 Both return a `Plan` (token-id prompts, one SamplingParams, n, streaming and logprob options) or raise
 `OpenAIError(400, ..., param=...)`. Unknown keys are ignored, as OpenAI's own clients send extras;
 options tandem does not implement are refused when set to anything but their neutral value.
-vLLM's extensions `top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `priority` are accepted.
+vLLM's extensions `top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `priority` are accepted, and
+`logprobs_mode` ("raw" | "processed": per request here, where vLLM has a server-wide `--logprobs-mode`).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def _common(body: dict) -> dict:
                   top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
                   top_k=max(top_k, 0), seed=_int(body, "seed", None, 0),
                   min_new_tokens=_int(body, "min_tokens", 0, 0), ignore_eos=_bool(body, "ignore_eos"),
-                  stop=_stop(body), stop_token_ids=stop_token_ids, priority=_int(body, "priority", 0))
+                  stop=_stop(body), stop_token_ids=stop_token_ids, priority=_int(body, "priority", 0),
+                  logprobs_mode="raw" if body.get("logprobs_mode") is None else body["logprobs_mode"])
     return {"kwargs": kwargs, "n": n, "stream": stream, "include_usage": include_usage}
 
 

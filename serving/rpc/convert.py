@@ -63,6 +63,7 @@ def params_from_proto(msg: tandem_pb2.SamplingParams, vocab_size: int) -> Sampli
         "stop": list(msg.stop),
         "top_logprobs": msg.top_logprobs,
         "priority": msg.priority,
+        "logprobs_mode": msg.logprobs_mode or "raw",
     }
     for name in _OPTIONAL_PARAMS:
         if msg.HasField(name):

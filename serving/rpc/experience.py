@@ -3,10 +3,11 @@
 A RolloutRequest is validated as a whole (prompts, sampling parameters, samples_per_prompt) before any
 of it reaches the engine; bad values get INVALID_ARGUMENT naming the proto field. Then every sample is
 one engine request, and each finished sample goes out at once as an Experience: prompt and response
-token ids, the behaviour logprobs of the response tokens (raw distribution, temperature 1), the finish
-reason, the response text and the weight version that produced it (the drain policy of
-serving.weights.swap guarantees one version per sample). A cancelled call or a passed deadline
-aborts every unfinished sample, which frees its KV blocks at the next step boundary.
+token ids, the behaviour logprobs of the response tokens (the raw distribution, or with params.logprobs_mode
+"processed" the one sampled from: serving.engine.sampler), the finish reason, the response text and the
+weight version that produced it (the drain policy of serving.weights.swap guarantees one version per
+sample). A cancelled call or a passed deadline aborts every unfinished sample, which frees its KV blocks
+at the next step boundary.
 
 Every sample is its own engine request with its own random stream: with a request seed, a seed derived
 from (seed, prompt index, sample index), so the rollout is reproducible and its samples independent;

@@ -95,6 +95,34 @@ def test_experience_and_one_ppo_update(run_dir):
     assert critic_after < critic_before
 
 
+def test_processed_logprobs_mode_puts_the_ratios_on_the_sampled_distribution(run_dir):
+    """logprobs_mode "processed" at temperature 0.7 with top_k 5: the ratios' old logprobs are the processed ones
+    (equal to a fresh rollout's behaviour logprobs, so importance weights are 1), the KL to the reference stays
+    raw, and PPO updates stay finite (prompt positions hold tokens outside the kept set)."""
+    config = _config(run_dir, temperature=0.7, top_k=5, logprobs_mode="processed", ppo_epochs=1,
+                     output_dir=str(run_dir / "ppo_processed"))
+    models = load_models(config)
+    tok = models.tokenizer
+    prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES, THINGS)]
+    params = SamplingParams(max_new_tokens=16, seed=0, temperature=0.7, top_k=5, logprobs_mode="processed")
+    rollouts = LocalRolloutSource(models.actor, tok).generate(prompts, params)
+    trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
+    exp = trainer.make_experience(rollouts)
+    mask = exp.action_mask
+    assert pm.sequence_kl(exp.logprobs, exp.ref_logprobs, mask).abs().max().item() < 1e-5   # raw, actor == reference
+    torch.testing.assert_close(exp.behaviour_logprobs * mask, exp.ratio_logprobs, atol=2e-4, rtol=0)
+    assert ((exp.ratio_logprobs - exp.logprobs) * mask).abs().max().item() > 0.05     # processed, not raw
+    remote = PPOTrainer(dataclasses.replace(config, rollout="remote", server="127.0.0.1:1"), models.actor,
+                        models.critic, models.reference, models.reward, tok.pad_token_id)
+    remote.fresh_version = rollouts[0].weight_version     # fresh, yet processed ratios need the actor's raw forward
+    assert torch.equal(remote.make_experience(rollouts).logprobs, exp.logprobs)
+    weights, _ = remote.importance_weights(exp)
+    torch.testing.assert_close(weights, torch.ones_like(weights), atol=5e-4, rtol=0)
+    stats = trainer.train_on(exp)
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert stats["clip_fraction"] < 1.0
+
+
 def test_run_ppo_with_lora_ema_ptx_saves_loadable_checkpoints_and_resumes(run_dir):
     config = _config(run_dir, iterations=2, ema_decay=0.5, ptx_coef=0.5, ptx_data=[f"text:{run_dir / 'stories.txt'}"],
                      lora=LoraOptions(lora_dim=4, only_optimize_lora=True), output_dir=str(run_dir / "ppo_lora"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import grpc
@@ -155,12 +156,28 @@ def test_chat_top_logprobs_greedy(client):
         assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-5)   # greedy = the best
 
 
+def test_chat_processed_logprobs_are_of_the_kept_tokens(client):
+    """logprobs_mode "processed" (an extension, as top_k): with top_k 3 the top list is the 3 kept tokens, whose
+    probabilities sum to 1, and the sampled token's logprob is its own entry there."""
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
+                                         temperature=0.7, seed=3, logprobs=True, top_logprobs=5,
+                                         extra_body={"top_k": 3, "logprobs_mode": "processed"})
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens > 0
+    for item in content:
+        assert len(item.top_logprobs) == 3
+        assert sum(math.exp(t.logprob) for t in item.top_logprobs) == pytest.approx(1.0, abs=1e-4)
+        assert any(t.bytes == item.bytes and t.logprob == pytest.approx(item.logprob, abs=1e-6)
+                   for t in item.top_logprobs)
+
+
 BAD_COMPLETIONS = [
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
     ({"n": 0}, "n"), ({"logprobs": 21}, "logprobs"), ({"stop": [""]}, "stop"), ({"prompt": []}, "prompt"),
     ({"prompt": [[5, 99999]]}, "prompt"), ({"seed": -3}, "seed"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"echo": True, "logprobs": 1}, "echo"), ({"temperature": "hot"}, "temperature"), ({"best_of": 3}, "best_of"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"min_tokens": 50}, "min_tokens"),
+    ({"logprobs_mode": "processed_logprobs"}, "logprobs_mode"), ({"logprobs_mode": 1}, "logprobs_mode"),
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import pytest
 
@@ -52,9 +54,24 @@ def test_top_logprobs_over_grpc(stub):
     assert not generate(stub, PROMPT, max_new_tokens=3).completions[0].top_logprobs        # off by default
 
 
+def test_processed_logprobs_over_grpc(stub):
+    """params.logprobs_mode "processed": logprobs and top_logprobs of the distribution sampled (top_k 4 here)."""
+    processed = generate(stub, PROMPT, temperature=0.7, top_k=4, seed=5, top_logprobs=5, max_new_tokens=8,
+                         logprobs_mode="processed").completions[0]
+    raw = generate(stub, PROMPT, temperature=0.7, top_k=4, seed=5, top_logprobs=5, max_new_tokens=8).completions[0]
+    assert processed.token_ids == raw.token_ids
+    for token, lp, top, raw_top in zip(processed.token_ids, processed.logprobs, processed.top_logprobs, raw.top_logprobs):
+        assert len(top.token_ids) == 4 and list(top.token_ids) == list(raw_top.token_ids)[:4]
+        assert sum(math.exp(v) for v in top.logprobs) == pytest.approx(1.0, abs=1e-5)
+        assert dict(zip(top.token_ids, top.logprobs))[token] == pytest.approx(lp, abs=1e-6)
+    assert processed.logprobs != pytest.approx(list(raw.logprobs), abs=1e-3)
+
+
 @pytest.mark.parametrize("params,field", [({"n": -1}, "params.n"), ({"n": 65}, "params.n"),
                                           ({"top_logprobs": 21}, "params.top_logprobs"),
-                                          ({"top_logprobs": -1}, "params.top_logprobs")])
+                                          ({"top_logprobs": -1}, "params.top_logprobs"),
+                                          ({"logprobs_mode": "processed_logprobs"}, "params.logprobs_mode"),
+                                          ({"logprobs_mode": "RAW"}, "params.logprobs_mode")])
 def test_bad_options_name_the_field(stub, params, field):
     with pytest.raises(grpc.RpcError) as err:
         generate(stub, PROMPT, **params)

@@ -28,7 +28,7 @@ def logits_rows(n: int, seed: int) -> torch.Tensor:
 def test_greedy_and_top_k_1_take_the_argmax_with_raw_logprobs():
     logits = logits_rows(5, 0)
     greedy = [seq_with(SamplingParams(temperature=0)) for _ in range(5)]
-    tokens, logprobs = Sampler([2])(logits, greedy)
+    tokens, logprobs, _ = Sampler([2])(logits, greedy)
     assert tokens == logits.argmax(-1).tolist()
     topk1 = [seq_with(SamplingParams(temperature=0.7, top_k=1), seed=i) for i in range(5)]
     assert Sampler([2])(logits, topk1)[0] == tokens
@@ -62,7 +62,7 @@ def test_top_k_and_top_p_restrict_the_support_but_logprobs_stay_raw():
     seq = seq_with(SamplingParams(temperature=5.0, top_k=3), seed=0)
     seen = set()
     for _ in range(200):
-        tokens, logprobs = Sampler([])(logits, [seq])
+        tokens, logprobs, _ = Sampler([])(logits, [seq])
         seen.add(tokens[0])
         assert logprobs[0] == pytest.approx(raw[tokens[0]].item())
     assert seen == set(order[:3])
@@ -87,6 +87,23 @@ def test_min_new_tokens_masks_eos_and_stop_ids_until_reached():
     assert Sampler([2])(logits, [seq])[0] == [2], "ignore_eos: EOS is an ordinary token, not masked"
 
 
+def test_each_row_of_a_mixed_batch_reports_its_own_logprobs_mode():
+    logits = logits_rows(3, 3)
+    raw = torch.log_softmax(logits, -1)
+    seqs = [seq_with(SamplingParams(temperature=0.7, top_k=3, seed=1, top_logprobs=5, logprobs_mode=mode), seq_id=i)
+            for i, mode in enumerate(("processed", "raw"))]
+    seqs.append(seq_with(SamplingParams(temperature=0, top_logprobs=5, logprobs_mode="processed"), seq_id=2))
+    tokens, logprobs, top = Sampler([])(logits, seqs)
+    kept = torch.log_softmax(logits[0] / 0.7, -1)[logits[0].topk(3).indices]
+    kept = kept - torch.logsumexp(kept, 0)
+    assert [t for t, _ in top[0]] == logits[0].topk(3).indices.tolist()       # only the 3 kept tokens
+    assert [v for _, v in top[0]] == pytest.approx(kept.tolist(), abs=1e-5)
+    assert logprobs[0] == pytest.approx(dict(top[0])[tokens[0]], abs=1e-6)
+    assert sum(math.exp(v) for _, v in top[0]) == pytest.approx(1.0, abs=1e-5)
+    assert logprobs[1] == pytest.approx(raw[1, tokens[1]].item()) and len(top[1]) == 5
+    assert logprobs[2] == pytest.approx(raw[2].max().item()) and [t for t, _ in top[2]] == raw[2].topk(5).indices.tolist()
+
+
 @pytest.mark.parametrize("field, kwargs", [
     ("temperature", dict(temperature=float("nan"))),
     ("temperature", dict(temperature=-0.5)),
@@ -100,6 +117,7 @@ def test_min_new_tokens_masks_eos_and_stop_ids_until_reached():
     ("stop", dict(stop=[""])),
     ("stop_token_ids", dict(stop_token_ids=[-3])),
     ("seed", dict(seed=-1)),
+    ("logprobs_mode", dict(logprobs_mode="processed_logprobs")),
 ])
 def test_validation_names_the_field(field, kwargs):
     with pytest.raises(InvalidRequest) as err:
