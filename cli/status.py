@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         ("kv cache", f"{s.kv_blocks_free}/{s.kv_blocks_total} blocks free, {s.block_size} tokens each"),
         ("token budget", f"{s.token_budget} per forward pass"),
         ("context", f"{s.max_model_len} tokens"),
-        ("uptime", f"{s.uptime_s:.1f} s"),
+        ("uptime", f"{s.uptime_s:.1f} s (instance {s.instance_id or '-'})"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -60,6 +60,7 @@ class Experience:
     finish_reason: str | None
     weight_version: int
     response_text: str
+    instance_id: str = ""           # the server process that made it
 
     @classmethod
     def from_proto(cls, msg: tandem_pb2.Experience) -> Experience:
@@ -67,7 +68,7 @@ class Experience:
                    prompt_token_ids=list(msg.prompt_token_ids), response_token_ids=list(msg.response_token_ids),
                    behaviour_logprobs=list(msg.behaviour_logprobs),
                    finish_reason=FINISH_FROM_PROTO[msg.finish_reason], weight_version=msg.weight_version,
-                   response_text=msg.response_text)
+                   response_text=msg.response_text, instance_id=msg.instance_id)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Status:
     requests_finished: int
     tokens_generated: int
     max_model_len: int
+    instance_id: str = ""           # random per server process: a new one means the server was restarted
 
     @classmethod
     def from_proto(cls, msg: tandem_pb2.ServerStatus) -> Status:

@@ -139,7 +139,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("model", "weight_version", "weight_origin", "tensor_parallel", "running", "waiting", "kv_blocks_total", "kv_blocks_free", "block_size", "token_budget", "device", "dtype", "uptime_s", "requests_finished", "tokens_generated", "max_model_len")
+    __slots__ = ("model", "weight_version", "weight_origin", "tensor_parallel", "running", "waiting", "kv_blocks_total", "kv_blocks_free", "block_size", "token_budget", "device", "dtype", "uptime_s", "requests_finished", "tokens_generated", "max_model_len", "instance_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_ORIGIN_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class ServerStatus(_message.Message):
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     weight_version: int
     weight_origin: str
@@ -172,7 +173,8 @@ class ServerStatus(_message.Message):
     requests_finished: int
     tokens_generated: int
     max_model_len: int
-    def __init__(self, model: _Optional[str] = ..., weight_version: _Optional[int] = ..., weight_origin: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ..., token_budget: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_finished: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, model: _Optional[str] = ..., weight_version: _Optional[int] = ..., weight_origin: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., block_size: _Optional[int] = ..., token_budget: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_finished: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., max_model_len: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class RolloutRequest(_message.Message):
     __slots__ = ("prompts", "params", "samples_per_prompt", "rollout_id")
@@ -187,7 +189,7 @@ class RolloutRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., samples_per_prompt: _Optional[int] = ..., rollout_id: _Optional[str] = ...) -> None: ...
 
 class Experience(_message.Message):
-    __slots__ = ("rollout_id", "prompt_index", "sample_index", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "finish_reason", "weight_version", "response_text")
+    __slots__ = ("rollout_id", "prompt_index", "sample_index", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "finish_reason", "weight_version", "response_text", "instance_id")
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +199,7 @@ class Experience(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     rollout_id: str
     prompt_index: int
     sample_index: int
@@ -206,7 +209,8 @@ class Experience(_message.Message):
     finish_reason: FinishReason
     weight_version: int
     response_text: str
-    def __init__(self, rollout_id: _Optional[str] = ..., prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., weight_version: _Optional[int] = ..., response_text: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, rollout_id: _Optional[str] = ..., prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., weight_version: _Optional[int] = ..., response_text: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class WeightHeader(_message.Message):
     __slots__ = ("version", "origin", "lora", "lora_scale", "num_tensors")

@@ -52,12 +52,12 @@ def wait_idle(stub, timeout: float = 10.0) -> tandem_pb2.ServerStatus:
 
 
 def test_every_sample_arrives_with_its_version_and_logprobs(stub):
-    version = status(stub).weight_version
+    version, instance = status(stub).weight_version, status(stub).instance_id
     request = request_for(PROMPTS, SamplingParams(max_new_tokens=12, seed=7), samples_per_prompt=3, rollout_id="r1")
     experiences = list(stub.StreamExperience(request, timeout=60))
     assert sorted((e.prompt_index, e.sample_index) for e in experiences) == [(p, s) for p in range(4) for s in range(3)]
     for e in experiences:
-        assert e.rollout_id == "r1" and e.weight_version == version
+        assert e.rollout_id == "r1" and e.weight_version == version and e.instance_id == instance
         assert list(e.prompt_token_ids) == PROMPTS[e.prompt_index]
         assert 1 <= len(e.response_token_ids) <= 12
         assert len(e.behaviour_logprobs) == len(e.response_token_ids)

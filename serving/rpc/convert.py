@@ -163,11 +163,12 @@ def delta_to_proto(request_id: str, index: int, out: RequestOutput, first: bool,
 
 
 def status_to_proto(stats: EngineStats, *, model: str, weight_version: int, weight_origin: str,
-                    tensor_parallel: int, device: str, dtype: str, uptime_s: float) -> tandem_pb2.ServerStatus:
+                    tensor_parallel: int, device: str, dtype: str, uptime_s: float,
+                    instance_id: str = "") -> tandem_pb2.ServerStatus:
     return tandem_pb2.ServerStatus(
         model=model, weight_version=weight_version, weight_origin=weight_origin,
         tensor_parallel=tensor_parallel, running=stats.running, waiting=stats.waiting,
         kv_blocks_total=stats.kv_blocks_total, kv_blocks_free=stats.kv_blocks_free,
         block_size=stats.block_size, token_budget=stats.token_budget, device=device, dtype=dtype,
         uptime_s=uptime_s, requests_finished=stats.requests_finished,
-        tokens_generated=stats.tokens_generated, max_model_len=stats.max_model_len)
+        tokens_generated=stats.tokens_generated, max_model_len=stats.max_model_len, instance_id=instance_id)

@@ -4,10 +4,11 @@ A RolloutRequest is validated as a whole (prompts, sampling parameters, samples_
 of it reaches the engine; bad values get INVALID_ARGUMENT naming the proto field. Then every sample is
 one engine request, and each finished sample goes out at once as an Experience: prompt and response
 token ids, the behaviour logprobs of the response tokens (the raw distribution, or with params.logprobs_mode
-"processed" the one sampled from: serving.engine.sampler), the finish reason, the response text and the
+"processed" the one sampled from: serving.engine.sampler), the finish reason, the response text, the
 weight version that produced it (the drain policy of serving.weights.swap guarantees one version per
-sample). A cancelled call or a passed deadline aborts every unfinished sample, which frees its KV blocks
-at the next step boundary.
+sample) and the server process's instance id (so a learner tells the samples of a server it saw restart
+from the new process's, even at one version). A cancelled call or a passed deadline aborts every
+unfinished sample, which frees its KV blocks at the next step boundary.
 
 Every sample is its own engine request with its own random stream: with a request seed, a seed derived
 from (seed, prompt index, sample index), so the rollout is reproducible and its samples independent;
@@ -76,12 +77,12 @@ def rollout_from_proto(msg: tandem_pb2.RolloutRequest, encode: Callable[[str], l
 
 
 def experience_to_proto(rollout_id: str, prompt_index: int, sample_index: int,
-                        out: RequestOutput) -> tandem_pb2.Experience:
+                        out: RequestOutput, instance_id: str = "") -> tandem_pb2.Experience:
     return tandem_pb2.Experience(
         rollout_id=rollout_id, prompt_index=prompt_index, sample_index=sample_index,
         prompt_token_ids=out.prompt_token_ids, response_token_ids=out.token_ids, behaviour_logprobs=out.logprobs,
         finish_reason=FINISH_TO_PROTO[out.finish_reason], weight_version=out.weight_version,
-        response_text=out.text)
+        response_text=out.text, instance_id=instance_id)
 
 
 class _Sample(RequestStream):
@@ -150,8 +151,9 @@ class ExperienceHandler:
     """`stream_experience(request, context)`: the body of Generation.StreamExperience."""
 
     def __init__(self, loop: EngineLoop, encode: Callable[[str], list[int]], vocab_size: int, max_model_len: int,
-                 limits: RequestLimits | None = None, admission: Admission | None = None):
+                 limits: RequestLimits | None = None, admission: Admission | None = None, instance_id: str = ""):
         self.loop = loop
+        self.instance_id = instance_id
         self.limits = limits or RequestLimits()
         self.admission = admission or Admission(self.limits.max_pending)
         self.encode = encode
@@ -180,7 +182,7 @@ class ExperienceHandler:
                     stream.cancel()
                     context.abort(grpc.StatusCode.ABORTED, f"prompts[{prompt_index}] sample {sample_index}: "
                                                            f"{out.error} (finish_reason abort)")
-                yield experience_to_proto(rollout.rollout_id, prompt_index, sample_index, out)
+                yield experience_to_proto(rollout.rollout_id, prompt_index, sample_index, out, self.instance_id)
         except InvalidRequest as err:
             stream.cancel()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(_rollout_field(err)))

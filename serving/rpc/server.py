@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -98,13 +99,15 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
         self.push_handler = push_handler
         self.metrics = metrics
         self.started_at = time.monotonic()
+        self.instance_id = uuid.uuid4().hex     # this process's identity: a restarted server gets a new one
         engine = loop.engine
         self._encode_text: Callable[[str], list[int]] = getattr(engine, "encode", None) or engine.tokenizer.encode
         self._encode_lock = threading.Lock()   # handler threads share the engine's tokenizer
         self._vocab_size = engine.info.vocab_size
         self._max_model_len = engine.info.max_model_len
         self.experience = ExperienceHandler(loop, self._encode, self._vocab_size, self._max_model_len,
-                                            limits=self.limits, admission=self.admission)
+                                            limits=self.limits, admission=self.admission,
+                                            instance_id=self.instance_id)
 
     def Generate(self, request, context):
         valid, stream = self._start(request, context)
@@ -138,7 +141,7 @@ class GenerationService(tandem_pb2_grpc.GenerationServicer):
         return status_to_proto(stats, model=self.model_name, weight_version=version, weight_origin=origin,
                                tensor_parallel=getattr(info, "tensor_parallel", 1), device=str(info.device),
                                dtype=str(info.dtype).removeprefix("torch."),
-                               uptime_s=time.monotonic() - self.started_at)
+                               uptime_s=time.monotonic() - self.started_at, instance_id=self.instance_id)
 
     def StreamExperience(self, request, context):
         return self.experience.stream_experience(request, context)

@@ -73,6 +73,7 @@ def test_health_serving_and_status_fields(server, stub):
     assert s.block_size == 16 and s.token_budget == 128 and s.max_model_len == 512
     assert s.kv_blocks_total > 0 and 0 <= s.kv_blocks_free <= s.kv_blocks_total
     assert s.uptime_s > 0 and s.running >= 0 and s.waiting >= 0
+    assert len(s.instance_id) == 32 and status(stub).instance_id == s.instance_id   # one id per process
 
 
 def test_32_concurrent_streams_equal_unary_results(stub):
