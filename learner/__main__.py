@@ -1,8 +1,9 @@
 """`python -m learner <sft|reward|ppo> [--config FILE.json] [--field value ...]`
 
 Also runs under the launcher: `deepspeed --num_gpus N --module learner sft ...`. A bad configuration
-is reported as one line naming the field, with exit status 2 and no traceback; the final metrics are
-printed as one JSON line on rank 0.
+is reported as one line naming the field, with exit status 2 and no traceback; a generation server that
+stays unreachable past server_down_limit_s (rollout=remote) as one line naming it and the limit, with exit
+status 1; the final metrics are printed as one JSON line on rank 0.
 """
 
 from __future__ import annotations
@@ -60,11 +61,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m learner") -> int:
         print(f"{prog} {step}: error: {e}", file=sys.stderr)
         return 2
     setup_logging()
+    from learner.rollout.reconnect import ServerDown
+
     try:
         result = runner(step)(config)
     except ConfigError as e:
         print(f"{prog} {step}: error: {e}", file=sys.stderr)
         return 2
+    except ServerDown as e:
+        print(f"{prog} {step}: error: {e}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"step": step, **result}, default=str), flush=True)
     return 0

@@ -180,6 +180,8 @@ class PPOConfig(CommonConfig):
     server_tls_ca: str = ""             # reach the server over TLS, trusting this CA ("" = plaintext)
     server_tls_cert: str = ""           # a client certificate, for a server that requires one
     server_tls_key: str = ""
+    rpc_timeout_s: float = 600.0        # remote rollout: the deadline of one rollout stream or weight push
+    server_down_limit_s: float = 300.0  # remote rollout: how long to wait for a server that is gone, then exit
     gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task); = gold.DEFAULT_EVAL_PROMPTS
     # step-3 speed (issue 11): each is exact or within the stated rounding, and each can be turned off
     reuse_rollout_logprobs: bool = True  # a fresh rollout's behaviour logprobs are the old policy's: no actor forward
@@ -243,6 +245,9 @@ class PPOConfig(CommonConfig):
             raise ConfigError("frozen_dtype", f"must be float32 or bfloat16, got {self.frozen_dtype!r}")
         if self.sort_chunk_rows < 0:
             raise ConfigError("sort_chunk_rows", f"must be >= 0 (0: batch order), got {self.sort_chunk_rows}")
+        for name in ("rpc_timeout_s", "server_down_limit_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0 seconds, got {getattr(self, name)}")
         return self
 
 

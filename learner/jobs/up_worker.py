@@ -100,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     setup_logging()
+    from learner.rollout.reconnect import ServerDown
+
     try:
         result = learn(spec)
     except ConfigError as e:
         print(f"tandem up: error: {e}", file=sys.stderr)
         return 2
+    except ServerDown as e:
+        print(f"tandem up: error: {e}", file=sys.stderr)
+        return 1
     if ds.rank() == 0:
         Path(spec["run_dir"], "learner.json").write_text(json.dumps(result, indent=2, default=str))
     return 0

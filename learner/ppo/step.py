@@ -112,8 +112,9 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
     left = [config.iterations - start]           # iterations whose prompts are still to be drawn
     link = None
     if rollout_source is None:                   # rollout = remote: the server rolls out, the actor is pushed
-        link = ServerLink.open(config, models.actor, upcoming=lambda: prompts.peek().ids if left[0] > 0 else [])
-        rollout_source = link.source
+        link = ServerLink.open(config, models.actor, upcoming=lambda: prompts.peek().ids if left[0] > 0 else [],
+                               start_iteration=start)
+        rollout_source = link                    # link.generate: survives a server restart
     try:
         result.update(_iterations(config, models, trainer, prompts, rollout_source, gold, out, start, left,
                                   params, link, after_iteration))

@@ -5,13 +5,13 @@ Under ZeRO-3 no rank ever holds the whole model: the parameters are gathered one
 each to the server as it comes (clients.weight_push.StreamingPush copies it to the CPU and sends it on a
 helper thread), and the gather is released before the next one. Every rank walks the same parameters (the
 gathers are collective); only rank 0 talks to the server. Versions are counted on every rank alike, so all
-ranks know the learner's version without a message. """
+ranks know the learner's version without a message. When to push, and what to do when a push fails, is
+learner.rollout.server_link's business."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -39,13 +39,24 @@ PUSH_DEADLINE_S = 600.0   # a push (stream + the server's swap) that takes longe
 def push_actor(actor, server: str, token: str | None, version: int, *, origin: str,
                encoding: str = "float32", timeout: float | None = PUSH_DEADLINE_S,
                credentials=None) -> PushReport | None:
-    """Push `actor` as `version` within `timeout` s; rank 0 returns the server's report, other ranks None."""
+    """Push `actor` as `version` within `timeout` s; rank 0 returns the server's report, other ranks None.
+
+    A push the server refuses or breaks off raises on rank 0 only, and only after rank 0 has walked every
+    parameter with the others (the gathers are collectives: leaving early would hang the other ranks);
+    learner.rollout.server_link shares the outcome with every rank."""
     keep = ds.rank() == 0
     push = StreamingPush(server, token=token, version=version, origin=origin, encoding=encoding,
                          timeout=timeout, credentials=credentials) if keep else None
+    failure: BaseException | None = None
     try:
         for name, tensor in actor_tensors(actor, keep=keep):
-            push.send(name, tensor)
+            if push is not None and failure is None:
+                try:
+                    push.send(name, tensor)
+                except Exception as err:  # noqa: BLE001 - raised once every rank has walked the parameters
+                    failure = err
+        if failure is not None:
+            raise failure
         report = push.commit() if keep else None
     except BaseException:
         if push is not None:
@@ -55,25 +66,3 @@ def push_actor(actor, server: str, token: str | None, version: int, *, origin: s
         log.debug("pushed v%d (%s): %d tensors, %.2f MB %s in %.2f s (swap %.1f ms)", report.version, origin,
                  report.tensors, report.bytes_sent / 2**20, encoding, report.push_s, report.swap_s * 1e3)
     return report
-
-
-class ActorPusher:
-    """`after_iteration` for run_ppo: push the actor after every PPO iteration and tell the rollout source
-    the learner's new version. `reports` holds rank 0's PushReports (as dicts, with the iteration)."""
-
-    def __init__(self, server: str, token: str | None, version: int, *, encoding: str = "float32",
-                 origin: str = "tandem up", source=None, credentials=None):
-        self.server, self.token, self.version, self.credentials = server, token, version, credentials
-        self.encoding, self.origin, self.source = encoding, origin, source
-        self.reports: list[dict] = []
-
-    def __call__(self, iteration: int, models, stats: dict) -> None:
-        version = self.version + 1
-        report = push_actor(models.actor, self.server, self.token, version,
-                            origin=f"{self.origin}: ppo iteration {iteration}", encoding=self.encoding,
-                            credentials=self.credentials)
-        self.version = version
-        if self.source is not None:
-            self.source.learner_version = version
-        if report is not None:
-            self.reports.append({"iteration": iteration, **asdict(report)})

@@ -12,6 +12,11 @@ its staleness is `learner_version - version`. Samples within `max_staleness` are
 corrects stale ones with truncated importance ratios, learner.rollout.staleness); samples beyond it are
 dropped and generated again with the server's current weights. With max_staleness 0 nothing is
 prefetched (strictly on-policy). The counts of each batch are in `last_stats`, totals in `totals`.
+
+A server that goes away mid-call raises ServerLost (its stream is not retried here:
+learner.rollout.server_link waits for the server and decides). After a restart, `server_restarted(old)`
+drops the prefetched batch and retires the old process's instance id: its samples are never used again
+(counted as `rollout_old_process`), even at the learner's version.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable
 from clients.client import TandemClient
 from clients.results import Experience, TandemError, build_rollout_request
 from learner.rollout.local import Rollout, SamplingParams
+from learner.rollout.reconnect import is_transient
 from learner.rollout.staleness import split_by_staleness
 from protos import tandem_pb2
 
@@ -36,6 +42,14 @@ MAX_REGENERATIONS = 2
 
 class RolloutError(RuntimeError):
     """The server refused or broke a rollout; the message carries its gRPC status."""
+
+
+class ServerLost(RolloutError):
+    """The rollout failed because the server went away (UNAVAILABLE, a passed deadline, a cut stream)."""
+
+
+class TooStale(RolloutError):
+    """Samples stayed beyond max_staleness after regenerating them (the server lacks the learner's weights)."""
 
 
 def sampling_options(params: SamplingParams) -> dict:
@@ -56,7 +70,7 @@ def rollout_from_experience(e: Experience) -> Rollout:
     return Rollout(prompt_ids=e.prompt_token_ids, response_ids=e.response_token_ids,
                    logprobs=e.behaviour_logprobs, finish_reason=e.finish_reason or "length",
                    weight_version=e.weight_version, text=e.response_text,
-                   meta={"rollout_id": e.rollout_id, "sample_index": e.sample_index})
+                   meta={"rollout_id": e.rollout_id, "sample_index": e.sample_index, "instance_id": e.instance_id})
 
 
 class RolloutJob:
@@ -92,6 +106,8 @@ class RolloutJob:
         self._thread.join()
         if self.error is not None:
             err = self.error
+            if is_transient(err):
+                raise ServerLost(f"StreamExperience failed: {err.code.name}: {err.details}") from None
             if isinstance(err, TandemError):
                 raise RolloutError(f"StreamExperience failed: {err.code.name}: {err.details}") from None
             raise RolloutError(f"StreamExperience failed: {err!r}") from err
@@ -114,8 +130,10 @@ class RemoteRolloutSource:
         self.upcoming = upcoming
         self.timeout = timeout
         self.seed = seed
-        self._calls = 0
+        self.calls = 0                          # seeded calls made (each gets seed + calls)
+        self._credentials = credentials
         self._client = TandemClient(server, credentials=credentials)   # TLS when credentials are given
+        self.retired: set[str] = set()          # instance ids of server processes seen to restart
         self.learner_version = self.server_version() if learner_version is None else int(learner_version)
         self._pending: RolloutJob | None = None
         self.last_stats: dict[str, float] = {}
@@ -127,11 +145,29 @@ class RemoteRolloutSource:
         except TandemError as err:
             raise RolloutError(f"{self.server}: GetStatus failed: {err.code.name}: {err.details}") from None
 
+    def server_restarted(self, old_instance: str) -> None:
+        """The server behind the address restarted: nothing of `old_instance` is used from now on."""
+        self.cancel_prefetch()
+        if old_instance:
+            self.retired.add(old_instance)
+
+    def reopen(self) -> None:
+        """A fresh channel (after an outage the old one may still be backing off from its failures)."""
+        self.cancel_prefetch()
+        self._client.close()
+        self._client = TandemClient(self.server, credentials=self._credentials)
+
+    def from_retired(self, rollouts: list[Rollout]) -> bool:
+        return any(r.meta.get("instance_id") in self.retired for r in rollouts)
+
+    def _old(self, rollouts: list[Rollout]) -> list[int]:
+        return [i for i, r in enumerate(rollouts) if r.meta.get("instance_id") in self.retired]
+
     def _params(self, params: SamplingParams) -> SamplingParams:
         if params.seed is not None or self.seed is None:
             return params
-        self._calls += 1
-        return dataclasses.replace(params, seed=self.seed + self._calls)
+        self.calls += 1
+        return dataclasses.replace(params, seed=self.seed + self.calls)
 
     def _start(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> RolloutJob:
         return RolloutJob(self._client, [list(p) for p in prompts], params, samples_per_prompt, self.timeout,
@@ -173,22 +209,26 @@ class RemoteRolloutSource:
         return rollouts
 
     def _within_bound(self, prompts, params, rollouts: list[Rollout]) -> tuple[list[Rollout], dict[str, float]]:
-        """Replace samples beyond max_staleness by fresh ones; the counts of the first pass."""
-        split = split_by_staleness([r.weight_version for r in rollouts], self.learner_version, self.max_staleness)
+        """Replace samples beyond max_staleness (or from a retired process) by fresh ones; the counts of the
+        first pass."""
+        split = split_by_staleness([r.weight_version for r in rollouts], self.learner_version, self.max_staleness,
+                                   exclude=self._old(rollouts))
         stats = split.metrics()
         todo = split.drop
         for _ in range(MAX_REGENERATIONS):
             if not todo:
                 break
-            log.info("remote rollout: %d of %d samples beyond max_staleness %d (learner v%d): generating again",
+            log.info("remote rollout: %d of %d samples beyond max_staleness %d (learner v%d) or from a restarted "
+                     "server: generating again",
                      len(todo), len(rollouts), self.max_staleness, self.learner_version)
             again = self._start([prompts[i] for i in todo], params).result()
             for i, r in zip(todo, again):
                 rollouts[i] = r
-            redo = split_by_staleness([r.weight_version for r in again], self.learner_version, self.max_staleness)
+            redo = split_by_staleness([r.weight_version for r in again], self.learner_version, self.max_staleness,
+                                      exclude=self._old(again))
             todo = [todo[i] for i in redo.drop]
         if todo:
-            raise RolloutError(f"the server at {self.server} serves weight version {self.server_version()} but the "
+            raise TooStale(f"the server at {self.server} serves weight version {self.server_version()} but the "
                                f"learner is at v{self.learner_version}: samples stay beyond max_staleness "
                                f"{self.max_staleness} (are the learner's weights being pushed?)")
         if split.stale:

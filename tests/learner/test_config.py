@@ -41,6 +41,16 @@ def test_bad_values_name_the_field(argv, field):
     assert err.value.field == field
 
 
+@pytest.mark.parametrize("argv, field", [
+    (["--server_down_limit_s", "0"], "server_down_limit_s"),
+    (["--rpc_timeout_s", "-1"], "rpc_timeout_s"),
+])
+def test_bad_server_survival_limits_name_the_field(argv, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config("ppo", argv).validate()
+    assert err.value.field == field
+
+
 def test_unknown_json_keys_are_refused(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"lora": {"lora_rank": 4}}))

@@ -21,7 +21,15 @@ def test_split_keeps_within_the_bound_and_counts_each_reason():
     assert split.drop == [3, 4]
     assert (split.fresh, split.stale, split.too_stale, split.ahead, split.max_seen) == (2, 2, 1, 1, 3)
     assert split.metrics() == {"rollout_fresh": 2.0, "rollout_stale": 2.0, "rollout_dropped": 2.0,
-                               "rollout_max_staleness": 3.0}
+                               "rollout_old_process": 0.0, "rollout_max_staleness": 3.0}
+
+
+def test_samples_of_a_restarted_server_are_dropped_whatever_their_version():
+    # samples 0 and 3 came from a process that has restarted since: dropped, and counted as neither fresh nor stale
+    split = split_by_staleness([5, 4, 5, 4, 5], learner_version=5, max_staleness=1, exclude=[0, 3])
+    assert split.keep == [1, 2, 4] and split.drop == [0, 3]
+    assert (split.fresh, split.stale, split.old_process) == (2, 1, 2)
+    assert split.metrics()["rollout_dropped"] == 2.0 and split.metrics()["rollout_old_process"] == 2.0
 
 
 def test_max_staleness_zero_is_strictly_on_policy():
