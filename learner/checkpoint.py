@@ -138,6 +138,29 @@ def load_resumable(engine, out_dir: str | Path) -> str | None:
     return (out / "latest").read_text().strip()
 
 
+def rank_state_path(out_dir: str | Path, tag: str) -> Path:
+    return Path(out_dir) / tag / f"rank{ds.rank()}.pt"
+
+
+def save_rank_state(out_dir: str | Path, tag: str, state: dict) -> Path:
+    """What only this rank knows (its random states, ...) under out_dir/tag/rank<r>.pt; a DeepSpeed checkpoint's
+    client_state is rank 0's alone."""
+    path = rank_state_path(out_dir, tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_rank_state(out_dir: str | Path, tag: str) -> dict | None:
+    """This rank's save_rank_state(out_dir, tag), or None when there is none."""
+    path = rank_state_path(out_dir, tag)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_resumable_state(engine, out_dir: str | Path) -> tuple[str, dict] | None:
     """Like load_resumable, also returning the client_state saved with it."""
     out = Path(out_dir)

@@ -1,7 +1,12 @@
 """Step 3: `run_ppo(config)`: load the four models, draw prompts, and run PPO iterations.
 
 Checkpoints under config.output_dir: `actor/` (the consolidated HF folder the server loads), `critic/`
-(value model), `actor_ema/` (when ema_decay > 0), and resumable DeepSpeed checkpoints in `resume/`.
+(value model), `actor_ema/` (when ema_decay > 0), and resumable DeepSpeed checkpoints in `resume/`:
+the actor's and critic's weights, optimizer and scheduler (DeepSpeed's own), with the iteration, the KL
+controller, the reward normalisation, the prompt position and the EMA copy in the actor's client_state,
+and what only each rank knows (its random states, its minibatch shuffle, its rollout seed counter) in
+`resume/ranks/<tag>/rank<r>.pt`. A resumed run therefore draws the prompts, samples and minibatches the
+uninterrupted run would have; with rollout=remote it pushes the resumed actor before its first rollout.
 On the embedded task the gold score of greedy responses on held-out prompts is measured before and
 after PPO (the gold judge is hidden from training; compare it with the learned reward score).
 """
@@ -54,9 +59,16 @@ def _ptx_batches(config: PPOConfig, tokenizer):
     return cycle()
 
 
-def _save(models: PPOModels, trainer: PPOTrainer, tokenizer, out: Path, iteration: int) -> dict[str, str]:
-    state = {"iteration": iteration, **trainer.state_dict()}
-    checkpoint.save_resumable(models.actor, out / "resume" / "actor", f"iter{iteration}", state)
+def _save(models: PPOModels, trainer: PPOTrainer, tokenizer, out: Path, iteration: int, prompts: PromptStream,
+          link: ServerLink | None) -> dict[str, str]:
+    state = {"iteration": iteration, **trainer.state_dict(), "prompts": prompts.state_dict()}
+    actor_state = dict(state)
+    if models.ema is not None:
+        actor_state["ema"] = models.ema.state_dict()        # gathered onto rank 0, which writes client_state
+    checkpoint.save_resumable(models.actor, out / "resume" / "actor", f"iter{iteration}", actor_state)
+    checkpoint.save_rank_state(out / "resume" / "ranks", f"iter{iteration}", {
+        "rng": ds.rng_state(), "minibatch_generator": trainer.generator.get_state(),
+        **({"link": link.state_dict()} if link is not None else {})})
     paths = {"checkpoint": str(checkpoint.save_hf(models.actor, tokenizer, out / "actor"))}
     if models.critic is not None:
         checkpoint.save_resumable(models.critic, out / "resume" / "critic", f"iter{iteration}", state)
@@ -66,19 +78,36 @@ def _save(models: PPOModels, trainer: PPOTrainer, tokenizer, out: Path, iteratio
     return paths
 
 
-def _resume(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, out: Path) -> int:
-    """The iteration to start from (0 unless config.resume finds checkpoints)."""
+def _resume(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, prompts: PromptStream,
+            out: Path) -> tuple[int, dict]:
+    """The iteration to start from (0 unless config.resume finds checkpoints) and this rank's saved state
+    ({} when none); the models, optimizers, trainer, prompt position and EMA are restored here."""
     if not config.resume:
-        return 0
+        return 0, {}
     actor_state = checkpoint.load_resumable_state(models.actor, out / "resume" / "actor")
     if actor_state is None:
-        return 0
+        return 0, {}
     if models.critic is not None and checkpoint.load_resumable_state(models.critic, out / "resume" / "critic") is None:
         raise RuntimeError(f"{out / 'resume'}: an actor checkpoint without its critic")
     tag, state = actor_state
+    iteration = int(state["iteration"])
     trainer.load_state_dict(state)
-    log.info("ppo: resumed from %s (iteration %d)", tag, state["iteration"])
-    return int(state["iteration"])
+    prompts.load_state_dict(state.get("prompts", {"batches_taken": iteration}))   # one batch per iteration
+    if models.ema is not None:
+        if "ema" in state:
+            models.ema.load_state_dict(state["ema"])
+        else:
+            log.warning("ppo: %s holds no EMA copy (an older checkpoint): the EMA restarts from the resumed actor", tag)
+            models.ema.update(models.actor, decay=0.0)
+    rank_state = checkpoint.load_rank_state(out / "resume" / "ranks", tag)
+    if rank_state is None:
+        log.warning("ppo: %s holds no random states for rank %d: sampling does not continue the interrupted run's",
+                    tag, ds.rank())
+        rank_state = {}
+    elif "minibatch_generator" in rank_state:
+        trainer.generator.set_state(rank_state["minibatch_generator"])
+    log.info("ppo: resumed from %s (iteration %d, %d prompt batches drawn)", tag, iteration, prompts.taken)
+    return iteration, rank_state
 
 
 def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
@@ -108,21 +137,24 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
     gold: GoldJudge | None = gold_judge_for(config, tokenizer)
     out = Path(config.output_dir)
     result: dict = {"prompts": len(prompts.dataset), "algo": config.algo, "samples_per_prompt": group}
-    start = _resume(config, models, trainer, out)
+    start, rank_state = _resume(config, models, trainer, prompts, out)
     left = [config.iterations - start]           # iterations whose prompts are still to be drawn
     link = None
     if rollout_source is None:                   # rollout = remote: the server rolls out, the actor is pushed
         link = ServerLink.open(config, models.actor, upcoming=lambda: prompts.peek().ids if left[0] > 0 else [],
                                start_iteration=start)
-        rollout_source = link                    # link.generate: survives a server restart
+        link.load_state_dict(rank_state.get("link", {}))
+        rollout_source = link
+    if "rng" in rank_state:
+        ds.set_rng_state(rank_state["rng"])      # last: sampling goes on where the interrupted run was
     try:
         result.update(_iterations(config, models, trainer, prompts, rollout_source, gold, out, start, left,
                                   params, link, after_iteration))
+        result["iterations"] = config.iterations
+        result.update(_save(models, trainer, tokenizer, out, config.iterations, prompts, link))
     finally:
         if link is not None:
             link.close()
-    result["iterations"] = config.iterations
-    result.update(_save(models, trainer, tokenizer, out, config.iterations))
     return result
 
 
@@ -167,7 +199,7 @@ def _iterations(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, promp
             if (iteration + 1) % config.log_every == 0 or iteration + 1 == config.iterations:
                 log.info("ppo iteration %d: %s", iteration + 1, {k: round(v, 4) for k, v in stats.items()})
             if config.save_every and (iteration + 1) % config.save_every == 0:
-                _save(models, trainer, tokenizer, out, iteration + 1)
+                _save(models, trainer, tokenizer, out, iteration + 1, prompts, link)
             if link is not None:
                 link.after_iteration(iteration + 1, models, stats)   # the push: the next rollout uses it
             if after_iteration is not None:
