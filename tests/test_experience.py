@@ -13,7 +13,7 @@ from learner.modeling import load_causal_lm
 from learner.ppo.experience import SequenceBatch
 from learner.ppo.trainer import sequence_logprobs
 from learner.rollout.local import SamplingParams
-from learner.rollout.remote import RemoteRolloutSource, RolloutError, request_for
+from learner.rollout.remote import RemoteRolloutSource, RolloutError, TooStale, request_for
 from protos import tandem_pb2, tandem_pb2_grpc
 from serving.engine.config import EngineConfig
 from serving.rpc.server import start_server
@@ -172,6 +172,21 @@ def test_staleness_bound_prefetch_and_regeneration(server, stub, tinystories_pat
         source.prefetch(PROMPTS[:1], params)          # a different batch than the one asked for is not used
         other = source.generate(PROMPTS[1:2], params)
         assert other[0].prompt_ids == PROMPTS[1] and source.last_stats["rollout_prefetched"] == 0.0
+
+
+def test_samples_of_a_retired_server_process_are_never_used(server, stub):
+    """After a restart the learner retires the old process's instance id: its samples are dropped and generated
+    again even when their version is the learner's (here the one process is retired, so nothing can be kept)."""
+    params = SamplingParams(max_new_tokens=4, seed=3)
+    now = status(stub)
+    with RemoteRolloutSource(server.address, max_staleness=1, learner_version=now.weight_version) as source:
+        kept = source.generate(PROMPTS[:2], params)
+        assert {r.meta["instance_id"] for r in kept} == {now.instance_id}
+        source.retired.add(now.instance_id)
+        with pytest.raises(TooStale):
+            source.generate(PROMPTS[:2], params)
+        assert source.totals["rollout_fresh"] == 2                   # the first batch only
+    wait_idle(stub)
 
 
 def test_group_rollouts_come_prompt_major_and_a_prefetch_must_match_the_group_size(server, stub):

@@ -193,6 +193,8 @@ def _iterations(config: PPOConfig, models: PPOModels, trainer: PPOTrainer, promp
             samples, tokens = all_sum([float(len(rollouts)), float(new_tokens)])
             stats.update(samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed,
                          generate_s=generated - began, train_s=elapsed - (generated - began))   # train_s: experience + update
+            if link is not None:
+                stats["server_restarts"] = float(link.restarts)      # the same on every rank
             metrics.log(iteration + 1, **stats)
             bar.set_postfix(reward=f"{stats['reward_score']:.3f}", kl=f"{stats['kl']:.3f}",
                             **({"gold": f"{stats['gold_score']:.1f}"} if "gold_score" in stats else {}))

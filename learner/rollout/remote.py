@@ -229,8 +229,8 @@ class RemoteRolloutSource:
             todo = [todo[i] for i in redo.drop]
         if todo:
             raise TooStale(f"the server at {self.server} serves weight version {self.server_version()} but the "
-                               f"learner is at v{self.learner_version}: samples stay beyond max_staleness "
-                               f"{self.max_staleness} (are the learner's weights being pushed?)")
+                           f"learner is at v{self.learner_version}: samples stay beyond max_staleness "
+                           f"{self.max_staleness} (are the learner's weights being pushed?)")
         if split.stale:
             log.debug("remote rollout: %d stale samples kept (lag <= %d), %d fresh", split.stale,
                      self.max_staleness, split.fresh)

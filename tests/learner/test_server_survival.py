@@ -74,6 +74,7 @@ def test_ppo_goes_on_when_the_server_is_killed_and_restarted_mid_run(ppo_run, to
     assert result["iterations"] == 4 and result["server_restarts"] == 1
     rows = [json.loads(line) for line in open(ppo_run.root / "survive" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["server_restarts"] for r in rows] == [0, 0, 1, 1]      # noticed before iteration 3's rollout
     # the learner's versions ran on undisturbed; the new process ends serving the final one, pushed after iteration 4
     v0 = result["first_version"]
     assert v0 == old.weight_version + 1 and result["final_version"] == v0 + 4
