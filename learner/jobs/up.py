@@ -135,7 +135,7 @@ def run_up(config: UpConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     times: dict[str, float] = {}
-    model = config.model
+    model = str(Path(config.model).resolve()) if config.model else ""    # the children may start elsewhere
     if not model:
         from learner.task import default_model_path
 
