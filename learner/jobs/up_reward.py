@@ -55,12 +55,13 @@ class RewardJudge:
     @torch.no_grad()
     def scores(self, rollouts) -> list[float]:
         from learner.ppo.experience import SequenceBatch
-        from learner.ppo.trainer import reward_scores
 
         out: list[float] = []
         for start in range(0, len(rollouts), BATCH):
             seq = SequenceBatch.from_rollouts(rollouts[start:start + BATCH], self.pad_id)
-            out.extend(reward_scores(self.model, seq.input_ids, seq.attention_mask).tolist())
+            mask = seq.attention_mask
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)     # left padding: as PPO's reward forward
+            out.extend(self.model.score(seq.input_ids, mask, positions).tolist())
         return out
 
 
