@@ -80,10 +80,13 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     return written
 
 
-def plot_story(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
+def plot_story(metrics_path: str | Path, out_png: str | Path, title: str = "",
+               reward_eval: tuple[float, float] | None = None) -> Path | None:
     """The one picture of an RL run: the learned (proxy) reward and the hidden gold score of the sampled
     rollouts over iterations, with the greedy gold before and after as points (left); the KL to the
     reference beside it (right). A proxy that keeps rising while gold stalls or falls is reward hacking.
+    Without a gold judge (real data) the reward curve stands alone and says so; `reward_eval` (the reward
+    model's mean score of greedy responses to held-out prompts, before and after) is drawn as two points.
     None when the file has no reward curve."""
     import matplotlib
 
@@ -99,8 +102,12 @@ def plot_story(metrics_path: str | Path, out_png: str | Path, title: str = "") -
     left.set_xlabel("iteration")
     left.set_ylabel("proxy reward", color="tab:blue")
     left.grid(alpha=0.3)
+    if reward_eval is not None:
+        left.plot([0, steps[-1]], list(reward_eval), "o", color="tab:purple", markersize=7,
+                  label="reward, greedy (held-out prompts)")
     handles = left.get_lines()
-    if "gold_score" in curves or "gold_eval" in curves:
+    gold = "gold_score" in curves or "gold_eval" in curves
+    if gold:
         gold_ax = left.twinx()
         if "gold_score" in curves:
             gold_ax.plot(*curves["gold_score"], color="tab:orange", linewidth=1.2, label="gold, sampled rollouts")
@@ -109,7 +116,9 @@ def plot_story(metrics_path: str | Path, out_png: str | Path, title: str = "") -
         gold_ax.set_ylabel("gold score (hidden judge, 0-100)", color="tab:orange")
         handles = handles + gold_ax.get_lines()
     left.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower right")
-    left.set_title("learned reward vs the hidden gold judge", fontsize=10)
+    left.set_title("learned reward vs the hidden gold judge" if gold else
+                   "learned reward (no gold judge for this data: the reward model's score is all there is)",
+                   fontsize=10 if gold else 9)
     if "kl" in curves:
         right.plot(*curves["kl"], color="tab:green", linewidth=1.2)
     right.set_title("KL to the reference (nats per response)", fontsize=10)

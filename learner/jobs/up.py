@@ -5,13 +5,18 @@
 1. the embedded default model (pre-trained and cached on first use) or --model;
 2. the generation server as a child process (`tandem serve --port 0`, a fresh push token);
 3. the learner as a child process (`python -m learner.jobs.up_worker`, or the deepspeed launcher for
-   several ranks): SFT, reward model, then PPO whose rollouts come from the server, overlapped with
-   training under bounded staleness, with the actor pushed to the server after every iteration;
+   several ranks, ZeRO-3 by default: every rank reads the server address and the push-token file from the
+   spec, rolls out its share through the server; rank 0 alone pushes and writes the figures): SFT, reward
+   model, then PPO whose rollouts come from the server, overlapped with training under bounded staleness,
+   with the actor pushed to the server after every iteration;
 4. the figures: gold score before/after RL (and of the served model), reward-model accuracy, the
    reward curve (proxy reward beside gold and KL), the weight-sync figures, and the SFT model's and the
    served model's greedy answers to a few fixed held-out prompts side by side with their gold scores;
    <run>/story.png draws proxy reward against gold with KL beside it, the per-step grids stay as well.
-Ctrl-C stops the learner, then the server (gracefully), and exits 130.
+   Real data has no gold judge: the run trains on the reward model's score and the report shows that score
+   (held-out pairwise accuracy, reward of greedy answers to held-out prompts before/after, KL) and says so.
+Ctrl-C or SIGTERM stops the learner (the launcher and every rank: one process group), then the server
+(gracefully), and exits 130; a failed rank fails the launcher, which ends the others.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -98,22 +104,44 @@ def learner_command(spec_file: Path, ranks: int) -> list[str]:
             str(free_port()), "--module", "learner.jobs.up_worker", str(spec_file)]
 
 
+STEP_FOLDERS = ("sft", "reward", "ppo", "sync")
+
+
+def clear_metrics(run_dir: Path) -> None:
+    """An earlier run's metrics in the same folder: removed, since every step appends to its metrics.jsonl
+    (the reward curve and story.png would draw both runs as one)."""
+    for step in STEP_FOLDERS:
+        (run_dir / step / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / step / "tb", ignore_errors=True)
+
+
 def run_up(config: UpConfig) -> dict:
     """Run the whole job; returns the summary (also written to <run_dir>/up_summary.json and config.summary)."""
-    from learner.jobs.up_report import finish
+    from learner.jobs.up_report import finish, learner_line
+    from learner.jobs.up_reward import NO_GOLD
+    from learner.jobs.up_worker import step_configs
+    from learner.ppo.gold import has_gold_judge
 
     config.validate()
     run_dir = Path(config.run_dir).resolve()
+    token_file = run_dir / "push_token"
+    zero_stage = config.zero_stage if config.zero_stage >= 0 else (0 if config.ranks == 1 else 3)
+    spec = {"run_dir": str(run_dir), "server": "", "token_file": str(token_file), "model": config.model,
+            "seed": config.seed, "data": config.data, "iterations": config.iterations, "algo": config.algo,
+            "max_staleness": config.max_staleness, "encoding": PUSH_ENCODINGS[config.push_quantize],
+            "deepspeed": {"zero_stage": zero_stage, "num_ranks": config.ranks},
+            "overrides": config.overrides, "threads": config.learner_threads}
+    step_configs({**spec, "server": "127.0.0.1:1"})     # a bad --set or --data fails here, before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     times: dict[str, float] = {}
-    model = config.model
+    model = str(Path(config.model).resolve()) if config.model else ""    # the children may start elsewhere
     if not model:
         from learner.task import default_model_path
 
         model = str(default_model_path())
+    spec["model"] = model
     times["model_s"] = time.perf_counter() - began
-    token_file = run_dir / "push_token"
     write_private(token_file, secrets.token_hex(16))
 
     server = learner = None
@@ -126,21 +154,21 @@ def run_up(config: UpConfig) -> dict:
         print(f"tandem up: serving {model} on {server.address} (log: {run_dir / 'server.log'})", flush=True)
         print(f"tandem up: OpenAI-compatible API on http://{host}:{http_port}/v1, metrics on "
               f"http://{host}:{http_port}/metrics", flush=True)
-        spec = {"run_dir": str(run_dir), "server": server.address, "token_file": str(token_file), "model": model,
-                "seed": config.seed, "data": config.data, "iterations": config.iterations, "algo": config.algo,
-                "max_staleness": config.max_staleness, "encoding": PUSH_ENCODINGS[config.push_quantize],
-                "deepspeed": {"zero_stage": config.zero_stage if config.zero_stage >= 0 else
-                              (0 if config.ranks == 1 else 3), "num_ranks": config.ranks},
-                "overrides": config.overrides, "threads": config.learner_threads}
+        print(f"tandem up: {learner_line(config.ranks, zero_stage)}", flush=True)
+        if not has_gold_judge(config.data or ["embedded"]):
+            print(f"tandem up: {NO_GOLD}", flush=True)
+        spec["server"] = server.address
         spec_file = run_dir / "up_spec.json"
         spec_file.write_text(json.dumps(spec, indent=2))
         (run_dir / "learner.json").unlink(missing_ok=True)
+        clear_metrics(run_dir)
         t = time.perf_counter()
         learner = ServiceProcess("learner", learner_command(spec_file, config.ranks), child_env())
         code = learner.wait()
         times["learner_s"] = time.perf_counter() - t
         if code != 0 or not (run_dir / "learner.json").is_file():
-            raise RuntimeError(f"the learner failed (exit status {code}); see its output above")
+            why = "" if server.running else f" after the server exited (see {run_dir / 'server.log'})"
+            raise RuntimeError(f"the learner failed (exit status {code}){why}; see its output above")
         learned = json.loads((run_dir / "learner.json").read_text())
         summary = finish(config, learned, server.address, model, times, began)
     finally:
