@@ -7,9 +7,10 @@
 
 The DeepSpeed-Chat setting (../shared/ENVIRONMENT.md): TinyStories-656K as actor and reference, the same
 base plus a fresh value head as critic and reward; HH-RLHF prompts cut to 128 tokens; 16 prompts per
-iteration, one minibatch of 16; exactly 128 new tokens (DS-Chat's min_length = max_length generation);
-ppo_epochs 1; fp32 master weights. DeepSpeed-Chat (hybrid engine off) measured 15-19 samples/s at ZeRO-0,
-6.8-7.7 at ZeRO-3 and 22.4 with 2 processes on this machine type; TRL 1.12 PPO 10-11.
+iteration, one minibatch of 16; up to 128 new tokens, ending at EOS as DS-Chat's `generate` does
+(`--fixed-length`: always 128, with ignore_eos); ppo_epochs 1; fp32. DeepSpeed-Chat (hybrid engine off)
+measured 15-19 samples/s at ZeRO-0, 6.8-7.7 at ZeRO-3 and 22.4 with 2 processes on this machine type; TRL
+1.12 PPO 10-11.
 
 Modes: `local` generates with HF `generate` inside the learner (DS-Chat without its hybrid engine; the
 learner gets every core); `remote` rolls out on the generation server (a child process, 1 thread) while
@@ -41,7 +42,7 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINYSTORIES = SHARED / "models" / "tinystories-656k"
 HH_RLHF = SHARED / "hh-rlhf"
-DSCHAT = {"max_prompt_len": 128, "max_new_tokens": 128, "ignore_eos": True, "rollout_batch_size": 16,
+DSCHAT = {"max_prompt_len": 128, "max_new_tokens": 128, "rollout_batch_size": 16,
           "mini_batch_size": 16, "ppo_epochs": 1, "actor_learning_rate": 9.65e-6, "critic_learning_rate": 5e-6,
           "data_split": "0,0,1"}
 # the levers of issue 11, all off: what step 3 did before it
@@ -85,6 +86,7 @@ def one_run(spec: dict) -> dict:
         return statistics.median(r.get(key, 0.0) for r in timed)
 
     return {"samples_per_s": config.rollout_batch_size * world * len(timed) / seconds,
+            "response_length": statistics.mean(r["response_length"] for r in timed),
             "tokens_per_s": sum(r["response_length"] for r in timed) * config.rollout_batch_size * world / seconds,
             "seconds": seconds, "iterations": len(timed), "generate_s": median("generate_s"),
             "experience_s": median("experience_s"), "update_s": median("update_s"),
@@ -110,7 +112,7 @@ def base_config(args, work: Path) -> dict:
         model = str(TINYSTORIES)
         data = [f"hh-rlhf:{HH_RLHF / part}" for part in ("helpful-base", "harmless-base")]
         return {"actor_model": model, "critic_model": model, "reward_model": model, "tokenizer": model,
-                "data": data, **DSCHAT}
+                "data": data, **DSCHAT, **({"ignore_eos": True} if args.fixed_length else {})}
     run = Path(args.run).resolve() if args.run else work / "base"
     prepare(run, args.seed)
     from learner.jobs.pipeline import PPO_DEFAULTS
@@ -164,8 +166,8 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--child":
-        return child_main(sys.argv[2])
+    if argv is None and "--child" in sys.argv:        # a run's child (the launcher adds --local_rank=N)
+        return child_main(sys.argv[sys.argv.index("--child") + 1])
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rlhf", description=__doc__.splitlines()[0])
     parser.add_argument("--setting", default="dschat", choices=("dschat", "embedded"))
     parser.add_argument("--from", dest="run", default="", help="embedded setting: a run folder with sft/ and reward/")
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per learner rank (default: all cores for local, one fewer for remote)")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--fixed-length", action="store_true", help="every response 128 tokens (ignore_eos)")
     args = parser.parse_args(argv)
     from common.files import write_private
     from common.process import child_env

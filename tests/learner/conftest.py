@@ -1,4 +1,4 @@
-"""A small step-3 run folder shared by the PPO survival and resume tests: <run>/sft (TinyStories-656K),
+"""A small step-3 run folder shared by the PPO, survival and resume tests: <run>/sft (TinyStories-656K),
 <run>/reward (a value model on its backbone, seeded) and 36 prompts."""
 
 from __future__ import annotations

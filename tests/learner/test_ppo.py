@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.errors import ConfigError
-from learner import checkpoint, modeling
+from learner import modeling
 from learner.config import DeepSpeedOptions, LoraOptions, PPOConfig
 from learner.ds import unwrap as ds_unwrap
 from learner.ppo import math as pm
@@ -26,20 +26,11 @@ THINGS = ["ball", "cat", "tree", "cake", "boat", "hat"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tinystories_path, tmp_path_factory):
-    """<run>/sft (the pretrained LM), <run>/reward (a value model on its backbone), and prompt data."""
-    run = tmp_path_factory.mktemp("run")
-    tok = modeling.load_tokenizer(tinystories_path)
-    checkpoint.save_hf(modeling.load_causal_lm(tinystories_path), tok, run / "sft")
-    torch.manual_seed(0)
-    checkpoint.save_hf(modeling.ValueModel.from_pretrained(tinystories_path), tok, run / "reward", value_head=True)
-    with open(run / "prompts.jsonl", "w") as f:
-        for name in NAMES:
-            for thing in THINGS:
-                f.write(json.dumps({"prompt": f"Once upon a time, {name} had a {thing}.", "chosen": " It was fun.",
-                                    "rejected": " No."}) + "\n")
-    (run / "stories.txt").write_text("Once upon a time, there was a little dog.\nThe sun was warm and the sky was blue.\n")
-    return run
+def run_dir(ppo_run):
+    """The shared step-3 run folder (tests/learner/conftest.py: sft, reward, prompts) plus ptx text."""
+    (ppo_run.root / "stories.txt").write_text("Once upon a time, there was a little dog.\nThe sun was warm and the sky was "
+                                              "blue.\n")
+    return ppo_run.root
 
 
 def _config(run_dir, **overrides) -> PPOConfig:
