@@ -232,9 +232,11 @@ def learner_line(ranks: int, zero_stage: int | None) -> str:
 def print_summary(s: dict) -> None:
     r = s["rollout"]
     everyone = f" (all {s['ranks']} ranks)" if s["ranks"] > 1 else ""
+    reported = len(s.get("rank_reports") or [])
+    missing = f"; only {reported} of {s['ranks']} ranks reported" if reported != s["ranks"] else ""
     lines = [
         "", "tandem up: done",
-        f"  {learner_line(s['ranks'], s.get('zero_stage'))}; {len(s.get('rank_reports') or [])} rank(s) reported",
+        f"  {learner_line(s['ranks'], s.get('zero_stage'))}{missing}",
         *_score_lines(s),
         f"  weight sync: {len(s['weight_versions_pushed'])} versions pushed (v{s['weight_versions_pushed'][0]}.."
         f"v{s['weight_versions_pushed'][-1]}), {s['bytes_pushed'] / 2**20:.2f} MB {s['push_encoding']} "
