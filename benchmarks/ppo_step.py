@@ -20,9 +20,8 @@ import random
 import statistics
 import sys
 
-from benchmarks.rlhf import HH_RLHF, TINYSTORIES
+from benchmarks.rlhf import BEFORE, HH_RLHF, TINYSTORIES
 
-BEFORE = {"reuse_rollout_logprobs": False, "frozen_dtype": "float32", "sort_chunk_rows": 0}
 VARIANTS = {"before": {}, "+reuse": {"reuse_rollout_logprobs": True}, "+bf16 frozen": {"frozen_dtype": "bfloat16"},
             "+sorted chunks": {"sort_chunk_rows": 4}, "after": None}
 

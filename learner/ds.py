@@ -121,13 +121,13 @@ def zero_plus_plus(opts: DeepSpeedOptions) -> dict:
     return keys
 
 
-def frozen_config(opts: DeepSpeedOptions, batch_size: int) -> dict:
+def frozen_config(opts: DeepSpeedOptions, batch_size: int, dtype: torch.dtype | None = None) -> dict:
     """Config for a frozen ZeRO-3 model (reference, reward, EMA): partitioned, no optimizer."""
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "train_batch_size": batch_size * world_size(),
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, **zero_plus_plus(opts)},
-        "bf16": {"enabled": opts.dtype == "bfloat16"},
+        "bf16": {"enabled": (dtype or torch_dtype(opts)) == torch.bfloat16},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
     }
@@ -163,9 +163,7 @@ def init_frozen(model: nn.Module, opts: DeepSpeedOptions, *, batch_size: int, dt
     dtype = dtype or torch_dtype(opts)
     if opts.zero_stage != 3 or sum(p.numel() for p in model.parameters()) <= whole_max_params:
         return model.to(device=device(), dtype=dtype).eval()
-    config = frozen_config(opts, batch_size)
-    config["bf16"] = {"enabled": dtype == torch.bfloat16}
-    engine, *_ = deepspeed.initialize(model=model.to(dtype), config=config)
+    engine, *_ = deepspeed.initialize(model=model.to(dtype), config=frozen_config(opts, batch_size, dtype))
     engine.eval()
     return engine
 

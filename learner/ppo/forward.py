@@ -81,10 +81,11 @@ class ChunkPlan:
         parts = []
         for first, end, start in self.chunks:
             index = self.order[first:end].to(input_ids.device)
-            out = fn(model, input_ids[index, start:], attention_mask[index, start:], prompt_width - start, **kwargs)
-            parts.append(out if isinstance(out, tuple) else (out,))
-        merged = tuple(self._merge([p[i] for p in parts]) for i in range(len(parts[0])))
-        return merged if isinstance(out, tuple) else merged[0]
+            parts.append(fn(model, input_ids[index, start:], attention_mask[index, start:], prompt_width - start,
+                            **kwargs))
+        if isinstance(parts[0], tuple):
+            return tuple(self._merge([p[i] for p in parts]) for i in range(len(parts[0])))
+        return self._merge(parts)
 
     def _merge(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         if pieces[0].dim() > 1:                                    # per-token: put back the dropped columns

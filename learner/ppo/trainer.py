@@ -62,6 +62,14 @@ class PPOTrainer:
         return torch.tensor([r.weight_version == self.fresh_version and len(r.logprobs) == len(r.response_ids)
                              for r in rollouts], dtype=torch.bool)
 
+    def chunk_plan(self, attention_mask: torch.Tensor, prompt_width: int) -> ChunkPlan:
+        """How experience forwards split the batch: length-sorted chunks of sort_chunk_rows rows, or batch order;
+        never more than mini_batch_size rows at once (bounding the activation memory)."""
+        rows = self.config.sort_chunk_rows
+        if rows:
+            return ChunkPlan.make(attention_mask, prompt_width, min(rows, self.config.mini_batch_size))
+        return ChunkPlan.in_order(attention_mask.shape[0], self.config.mini_batch_size)
+
     @torch.no_grad()
     def make_experience(self, rollouts: list[Rollout]) -> ExperienceBatch:
         seq = SequenceBatch.from_rollouts(rollouts, self.pad_id)
@@ -72,22 +80,17 @@ class PPOTrainer:
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
-        rows = self.config.sort_chunk_rows    # chunks bound the activation memory of the forwards too
-        plan = (ChunkPlan.make(attn, width, min(rows, self.config.mini_batch_size)) if rows
-                else ChunkPlan.in_order(len(rollouts), self.config.mini_batch_size))
+        plan = self.chunk_plan(attn, width)
         fresh = self.fresh_rows(rollouts).to(self.device)
-        logprobs = ratio_logprobs = behaviour.clone()     # fresh rows (raw ratios): generate's are the old policy's
+        logprobs = behaviour.clone()                    # fresh rows (raw ratios): generate's are the old policy's
+        ratio_logprobs = logprobs if self.processing is None else behaviour.clone()
         stale = (~fresh).nonzero().squeeze(1)
         if len(stale):                                  # veRL's use_rollout_log_probs: no actor forward when none
-            sub = plan if len(stale) == len(rollouts) else (
-                ChunkPlan.make(attn[stale], width, min(rows, self.config.mini_batch_size)) if rows
-                else ChunkPlan.in_order(len(stale), self.config.mini_batch_size))
+            sub = plan if len(stale) == len(rollouts) else self.chunk_plan(attn[stale], width)
             out = sub.run(sequence_logprobs, self.actor, ids[stale], attn[stale], width, processing=self.processing)
             raw, ratio = out if self.processing is not None else (out, out)
             logprobs[stale] = raw
-            if self.processing is not None:
-                ratio_logprobs = behaviour.clone()
-            ratio_logprobs[stale] = ratio
+            ratio_logprobs[stale] = ratio               # the same tensor as logprobs for raw ratios
         ref_logprobs = plan.run(sequence_logprobs, self.reference, ids, attn, width).float()
         values = (plan.run(sequence_values, self.critic, ids, attn, width).float() if self.critic is not None
                   else torch.zeros_like(logprobs))
