@@ -140,7 +140,7 @@ def prepare(run: Path, seed: int) -> None:
 
 def launch(spec: dict, ranks: int, work: Path, name: str) -> dict:
     """One run in child process(es); its figures."""
-    from common.net import free_port
+    from learner.launcher import rank_command
 
     out = Path(spec["config"]["output_dir"])
     shutil.rmtree(out, ignore_errors=True)
@@ -148,11 +148,7 @@ def launch(spec: dict, ranks: int, work: Path, name: str) -> dict:
     result.unlink(missing_ok=True)
     spec["result"] = str(result)
     spec_file.write_text(json.dumps(spec))
-    if ranks == 1:
-        command = [sys.executable, "-m", "benchmarks.rlhf", "--child", str(spec_file)]
-    else:
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-                   str(free_port()), "--module", "benchmarks.rlhf", "--child", str(spec_file)]
+    command = rank_command("benchmarks.rlhf", ["--child", str(spec_file)], ranks)
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
     with open(work / f"{name}.log", "w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode

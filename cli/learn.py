@@ -43,8 +43,9 @@ def pop_option(options: list[str], *names: str) -> str | None:
 
 
 def launcher_command(step: str, options: list[str], num_ranks: int, master_port: int) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-            "--master_port", str(master_port), "--module", "learner", step, *options]
+    from learner.launcher import deepspeed_command
+
+    return deepspeed_command("learner", [step, *options], num_ranks, master_port)
 
 
 def run(args: argparse.Namespace) -> int:

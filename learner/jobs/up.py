@@ -25,7 +25,6 @@ import json
 import logging
 import secrets
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from common.files import write_private
 from common.net import free_port
 from common.process import ServiceProcess, child_env
 from learner.config import PUSH_ENCODINGS
+from learner.launcher import rank_command
 from serving import launch
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,7 @@ def start_server(model: str, run_dir: Path, token_file: Path, threads: int, time
 
 
 def learner_command(spec_file: Path, ranks: int) -> list[str]:
-    if ranks == 1:
-        return [sys.executable, "-m", "learner.jobs.up_worker", str(spec_file)]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(free_port()), "--module", "learner.jobs.up_worker", str(spec_file)]
+    return rank_command("learner.jobs.up_worker", [str(spec_file)], ranks)
 
 
 STEP_FOLDERS = ("sft", "reward", "ppo", "sync")
