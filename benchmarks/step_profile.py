@@ -47,7 +47,8 @@ def profile(path: Path, dtype: str, token_budget: int, requests: int, seed: int,
     from serving.engine.sampling_params import SamplingParams
 
     cfg = EngineConfig(model=str(path), tokenizer=str(tokenizer) if tokenizer else None, dtype=dtype,
-                       device="cpu", token_budget=token_budget)
+                       device="cpu", token_budget=token_budget,
+                       enable_prefix_caching=False)   # the timed run resends the warm-up's prompts
     engine = LLMEngine(cfg)
     info = engine.info
     work = mixed_workload(requests, info.vocab_size, info.max_model_len, seed=seed, avoid=set(info.eos_token_ids))
