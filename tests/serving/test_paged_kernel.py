@@ -24,7 +24,7 @@ def _metadata(chunks, block_size, dtype, kernel: bool):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (8, 2, 48)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (8, 2, 48), (8, 4, 16), (2, 1, 128)])
 def test_kernel_matches_the_gathered_path_with_mixed_chunks(dtype, heads, kv_heads, head_dim):
     rng = random.Random(0)
     torch.manual_seed(0)
@@ -51,6 +51,8 @@ def test_kernel_matches_the_gathered_path_with_mixed_chunks(dtype, heads, kv_hea
     assert out_fast.dtype == dtype and out_fast.shape == (tokens, heads * head_dim)
 
 
-def test_small_heads_keep_the_pytorch_path():
-    assert not paged_kernel.available(torch.device("cpu"), torch.float32, head_dim=16)
+def test_head_sizes_off_the_vector_width_keep_the_pytorch_path():
+    assert paged_kernel.available(torch.device("cpu"), torch.float32, head_dim=16)
+    for head_dim in (8, 24, 80 + 1, 144):
+        assert not paged_kernel.available(torch.device("cpu"), torch.float32, head_dim=head_dim)
     assert not paged_kernel.available(torch.device("cpu"), torch.float16)

@@ -1,0 +1,138 @@
+"""tandem's CPU kernels, built as ONE C++ extension: compiled once per CPU at first use, then cached.
+
+The kernels live beside the Python code that calls them (serving/layers/paged_kernel.py: decode attention
+over the paged cache; serving/layers/fused_kernels.py: SiLU-and-multiply and RoPE in one pass each).
+`load()` concatenates this module's HEADER (16-lane vector helpers, written with the GCC/Clang vector
+extensions, so the same source is AVX-512 where the CPU has it and AVX2 or NEON pairs elsewhere) with
+their sources and builds them with torch.utils.cpp_extension.load_inline: g++ -O3 -march=native, about
+a minute, logged. The build is cached under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)
+under a name that hashes this CPU's model and flags and the source itself, so later starts load it in
+well under a second and an edited kernel is rebuilt. Without a compiler, or with TANDEM_CPU_KERNELS=0,
+`load()` returns None (once, with a warning) and every caller keeps its pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HEADER = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// 16-lane vectors (GCC/Clang vector extensions): one AVX-512 register, or two AVX2 ones.
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+constexpr int W = 16;
+
+static inline vf splat(float x) { return vf{} + x; }
+static inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+static inline vf load(const c10::BFloat16* p) {      // bf16 -> fp32: the 16 bits become the high half
+  vh h; std::memcpy(&h, p, sizeof h);
+  vu w = __builtin_convertvector(h, vu) << 16;
+  vf v; std::memcpy(&v, &w, sizeof v); return v;
+}
+static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static inline void store(c10::BFloat16* p, vf v) { for (int i = 0; i < W; ++i) p[i] = c10::BFloat16(v[i]); }
+
+// Lane permutations, spelled per compiler (both lower them to one shuffle instruction).
+#if defined(__clang__)
+#define TANDEM_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define TANDEM_SHUFFLE(v, ...) __builtin_shuffle(v, vi{__VA_ARGS__})
+#endif
+static inline float hsum(vf v) {
+  v += TANDEM_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += TANDEM_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += TANDEM_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += TANDEM_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+static inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2,
+// p the degree-7 Taylor polynomial (relative error < 1e-8 there); exactly 0 below -87.
+static inline vf exp_nonpositive(vf x) {
+  const vf lo = splat(-87.0f);
+  const vi under = x < lo;
+  x = under ? lo : x;
+  const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);   // round(x / ln2) for x <= 0
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = (x - nf * 0.693145751953125f) - nf * 1.42860682030941723212e-6f;
+  vf p = splat(1.f / 5040);
+  p = p * r + 1.f / 720; p = p * r + 1.f / 120; p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;   p = p * r + 0.5f;      p = p * r + 1.f;     p = p * r + 1.f;
+  const vu bits = (vu)((n + 127) << 23);
+  vf scale; std::memcpy(&scale, &bits, sizeof scale);
+  return under ? splat(0.f) : p * scale;
+}
+
+"""
+
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and feature flags (a -march=native build runs only where it was built)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        info = platform.processor() or platform.machine()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
+
+
+def _sources() -> tuple[str, list[str]]:
+    from serving.layers import fused_kernels, paged_kernel
+
+    parts = (paged_kernel, fused_kernels)
+    return HEADER + "".join(p.SOURCE for p in parts), [f for p in parts for f in p.FUNCTIONS]
+
+
+def load():
+    """The compiled extension module, or None where it cannot be built (then PyTorch paths are used)."""
+    global _module, _failed
+    with _lock:
+        if _module is not None or _failed:
+            return _module
+        if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0":
+            _failed = True
+            return None
+        from torch.utils.cpp_extension import load_inline
+
+        source, functions = _sources()
+        name = f"tandem_cpu_kernels_{_cpu_tag()}_{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+        started = time.perf_counter()
+        log.info("loading tandem's CPU kernels (the first start compiles them with g++, ~1 min; cached)")
+        try:
+            _module = load_inline(name=name, cpp_sources=[source], functions=functions,
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as exc:  # noqa: BLE001 - no compiler, no headers...: keep the PyTorch paths
+            _failed = True
+            log.warning("CPU kernels unavailable (%s: %s); using the PyTorch paths",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
+        log.info("CPU kernels ready in %.1f s", time.perf_counter() - started)
+        return _module
