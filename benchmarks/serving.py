@@ -20,8 +20,10 @@ Also the fraction of the oneDNN GEMM roofline that tandem's useful matmul work r
 linear parameters x 2 FLOPs x (prompt + output tokens), plus the LM head x 2 x output tokens (embedding
 lookups are not counted), over the wall time, against a packed oneDNN linear of the 32M Llama's MLP
 shape ([512 x 512] . [512 x 1408]) timed in this process, same dtype and threads, after every repeat.
-Then (c) the SplitFuse ablation (fused passes against separate prefill and decode passes) and (d) p50/p95
-time-to-first-token and inter-token latency of N concurrent streaming gRPC clients on a real server.
+(d) with --clients N, every repeat also serves the same requests to N concurrent streaming gRPC clients
+of a real server (a fresh one per repeat, interleaved with the offline runs): tokens/s as a share of the
+offline engine's, and p50/p95 time-to-first-token and inter-token latency. Then (c) the SplitFuse
+ablation (fused passes against separate prefill and decode passes).
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def latency(path: Path, requests: list[Request], clients: int, token_budget: int
 
     tok = path if (path / "tokenizer_config.json").exists() else None
     cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype=dtype, device="cpu",
-                       token_budget=token_budget)
+                       token_budget=token_budget, enable_prefix_caching=False)   # as the offline engine
     server = start_server(cfg, host="127.0.0.1", port=0)
     ttft, itl = [], []
     lock = threading.Lock()
@@ -226,7 +228,7 @@ def bench_model(name: str, path: Path, args) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     peer = args.peers and vllm_available() and head_dim >= 32
     flops = useful_flops(path, requests)
-    hf, ours, base, vllm, roof = [], [], [], [], []
+    hf, ours, base, vllm, roof, lats = [], [], [], [], [], []
     for rep in range(args.repeats):
         line = f"  repeat {rep}:"
         if args.hf_batch:
@@ -242,6 +244,9 @@ def bench_model(name: str, path: Path, args) -> None:
                 secs, useful = run_engine(plain, requests)
             base.append(useful / secs)
             line += f"   fast paths off {base[-1]:8.1f} tok/s"
+        if args.clients:
+            lats.append(latency(path, requests, args.clients, args.token_budget, args.dtype))
+            line += f"   gRPC x{args.clients} {lats[-1]['tokens_per_s']:8.1f} tok/s"
         if peer:
             tok_s = run_vllm(path, args)
             if tok_s is not None:
@@ -269,11 +274,12 @@ def bench_model(name: str, path: Path, args) -> None:
               f"(~3 min, ~5 GB; PEERS_DIR=... to put it elsewhere) to get the peer column")
     if args.ablation:
         ablation(path, requests, args)
-    if args.clients:
-        lat = latency(path, requests, args.clients, args.token_budget, args.dtype)
-        print(f"  {args.clients} streaming gRPC clients: {lat['tokens_per_s']:.1f} tok/s, "
-              f"TTFT p50 {lat['ttft_p50_ms']:.1f} ms p95 {lat['ttft_p95_ms']:.1f} ms, "
-              f"ITL p50 {lat['itl_p50_ms']:.1f} ms p95 {lat['itl_p95_ms']:.1f} ms")
+    if lats:
+        m = {key: statistics.median(lat[key] for lat in lats) for key in lats[0]}
+        print(f"  {args.clients} streaming gRPC clients (medians of {len(lats)}, interleaved with the offline runs): "
+              f"{m['tokens_per_s']:.1f} tok/s = {100 * m['tokens_per_s'] / med:.0f}% of offline; "
+              f"TTFT p50 {m['ttft_p50_ms']:.1f} ms p95 {m['ttft_p95_ms']:.1f} ms, "
+              f"ITL p50 {m['itl_p50_ms']:.1f} ms p95 {m['itl_p95_ms']:.1f} ms")
 
 
 def useful_tokens(requests: list[Request]) -> int:

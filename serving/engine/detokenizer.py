@@ -16,9 +16,19 @@ from __future__ import annotations
 PROMPT_WINDOW = 5   # prompt tokens decoded with the first generated ones (for spacing)
 
 
+def fast_decode(tokenizer):
+    """`tokenizer.decode`, or the Rust tokenizer's own decode when that returns the same text (a fast
+    tokenizer that does not clean up tokenization spaces): half the cost per call, twice per token."""
+    raw = getattr(tokenizer, "_tokenizer", None)
+    if raw is not None and hasattr(raw, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return raw.decode
+    return tokenizer.decode
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str]):
         self.tokenizer = tokenizer
+        self._decode_ids = fast_decode(tokenizer)
         self.ids = list(prompt_token_ids[-PROMPT_WINDOW:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -28,7 +38,7 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._decode_ids(ids, skip_special_tokens=True)
 
     def add_tokens(self, token_ids: list[int], check_stop: bool = True) -> None:
         """Feed newly generated tokens that belong in the text (not a final EOS/stop token).

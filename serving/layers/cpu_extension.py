@@ -46,7 +46,14 @@ static inline vf load(const c10::BFloat16* p) {      // bf16 -> fp32: the 16 bit
   vf v; std::memcpy(&v, &w, sizeof v); return v;
 }
 static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-static inline void store(c10::BFloat16* p, vf v) { for (int i = 0; i < W; ++i) p[i] = c10::BFloat16(v[i]); }
+// fp32 -> bf16, round to nearest even as c10::BFloat16 does (NaN stays a quiet NaN), 16 lanes at once.
+static inline void store(c10::BFloat16* p, vf v) {
+  vu bits; std::memcpy(&bits, &v, sizeof bits);
+  const vu rounded = (bits + (((bits >> 16) & 1u) + 0x7fffu)) >> 16;
+  const vu out = v != v ? vu{} + 0x7fc0u : rounded;
+  const vh h = __builtin_convertvector(out, vh);
+  std::memcpy(p, &h, sizeof h);
+}
 
 // Lane permutations, spelled per compiler (both lower them to one shuffle instruction).
 #if defined(__clang__)

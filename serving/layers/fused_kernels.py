@@ -84,7 +84,15 @@ static void rope_impl(T* x, int64_t rs, int64_t tokens, int64_t heads, int64_t D
       const T* s = sin + t * D;
       for (int64_t h = 0; h < heads; ++h) {
         T* r = x + t * rs + h * D;
-        for (int64_t i = 0; i < half; ++i) {
+        int64_t i = 0;
+        for (; i + W <= half; i += W) {
+          const vf x1 = load(r + i), x2 = load(r + i + half);
+          const vf a = x1 * load(c + i), b = x2 * load(s + i);
+          const vf e = x2 * load(c + i + half), f = x1 * load(s + i + half);
+          store(r + i, a - b);
+          store(r + i + half, e + f);
+        }
+        for (; i < half; ++i) {
           const float x1 = static_cast<float>(r[i]), x2 = static_cast<float>(r[i + half]);
           const float a = x1 * static_cast<float>(c[i]), b = x2 * static_cast<float>(s[i]);
           const float e = x2 * static_cast<float>(c[i + half]), f = x1 * static_cast<float>(s[i + half]);

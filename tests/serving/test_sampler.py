@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.errors import InvalidRequest
-from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.detokenizer import IncrementalDetokenizer, fast_decode
 from serving.engine.sampler import Sampler
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence
@@ -168,6 +168,20 @@ def test_incremental_text_equals_full_decode_with_multibyte_characters(gpt2_tok,
     assert detok.text.strip() == tok.decode(ids).strip()
     deltas, detok = stream(gpt2_tok, gpt2_tok.encode("Say:"), gpt2_tok.encode(text), [])
     assert detok.text == text                          # byte-level BPE round-trips every character
+
+
+def test_fast_decode_returns_the_tokenizers_own_text(gpt2_tok, story_tok):
+    import random
+
+    rng = random.Random(0)
+    for tok in (gpt2_tok, story_tok):
+        decode = fast_decode(tok)
+        specials = list(tok.all_special_ids)
+        for _ in range(200):
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 12))] + rng.sample(specials, k=min(1, len(specials)))
+            rng.shuffle(ids)
+            for skip in (True, False):
+                assert decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip), ids
 
 
 def test_multi_token_stop_string_cuts_the_text_and_never_leaks(gpt2_tok, story_tok):
