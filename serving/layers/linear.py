@@ -12,7 +12,8 @@ version counters (bumped by any in-place write) with those it was packed from an
 differ, so a stale packed weight can never be served. `CausalLM.after_weights_changed()` re-packs
 eagerly, so the cost lands in the weight swap rather than in the first step after it.
 
-Where packing does not pay the plain path runs: on CUDA, for fp16, for a module that is not a plain
+Where packing does not pay (or oneDNN cannot) the plain path runs: on CUDA, for fp16, for bf16 on a CPU
+without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, for a module that is not a plain
 linear layer (tensor parallelism's RowParallel, which all-reduces), for fp32 matrices under
 MIN_PACKED_FP32 elements or with under MIN_PACKED_FP32_IN inputs, and for fp32 single-row inputs
 (oneDNN's per-call overhead dominates there).
@@ -30,6 +31,21 @@ MIN_PACKED_FP32 = 512 * 256      # fp32 matrices smaller than this were as fast 
 MIN_PACKED_FP32_IN = 256         # ...and so were fp32 ones with fewer inputs (TinyStories' 128)
 PACK_BATCH_HINT = 64             # the row count oneDNN tunes the packed layout for
 ENABLED = os.environ.get("TANDEM_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+
+
+def _bf16_packs() -> bool:
+    """oneDNN's bf16 linear needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; without them (an AVX2-only CPU)
+    bf16 layers take the plain path instead of failing at the first pack."""
+    if not ENABLED:
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), PACK_BATCH_HINT)
+    except RuntimeError:
+        return False
+    return True
+
+
+BF16_PACKED = _bf16_packs()
 
 
 class Conv1D(nn.Module):
@@ -79,7 +95,7 @@ class PackedLinear:
         if not ENABLED or not all(type(m) is kind for m in modules):
             return False
         w = modules[0].weight
-        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
+        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES or (w.dtype == torch.bfloat16 and not BF16_PACKED):
             return False
         if any(m.weight.dtype != w.dtype or (m.bias is not None and m.bias.dtype != w.dtype) for m in modules):
             return False

@@ -14,6 +14,9 @@ from serving.models.random_init import save_random_checkpoint
 
 pytestmark = pytest.mark.skipif(not linear_mod.ENABLED, reason="oneDNN (mkldnn) is not available in this torch build")
 
+NO_BF16 = "this CPU's oneDNN has no bf16 linear (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not linear_mod.BF16_PACKED,
+                                                                              reason=NO_BF16))]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
@@ -31,7 +34,7 @@ def _reference(x, block):
         F.linear(x.float(), block.b.weight.float(), None if block.b.bias is None else block.b.bias.float())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_output_equals_f_linear(dtype, bias):
     torch.manual_seed(0)
@@ -48,7 +51,7 @@ def test_packed_output_equals_f_linear(dtype, bias):
     torch.testing.assert_close(only.float(), ref_a, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_result_follows_new_weights_after_an_in_place_write(dtype):
     torch.manual_seed(0)
     block = Block(dtype, bias=True).requires_grad_(False)
@@ -68,6 +71,19 @@ def test_result_follows_new_weights_after_an_in_place_write(dtype):
     assert not torch.allclose(a.float(), before.float(), **TOL[dtype])
 
 
+def test_bf16_takes_the_plain_path_where_onednn_cannot_pack_it(monkeypatch):
+    monkeypatch.setattr(linear_mod, "BF16_PACKED", False)
+    torch.manual_seed(0)
+    block = Block(torch.bfloat16, bias=True).requires_grad_(False)
+    x = torch.randn(9, 512, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        a, b = block.ab(x)
+    assert block.ab.packed is None
+    ref_a, ref_b = _reference(x, block)
+    torch.testing.assert_close(a.float(), ref_a, **TOL[torch.bfloat16])
+    torch.testing.assert_close(b.float(), ref_b, **TOL[torch.bfloat16])
+
+
 def test_a_replaced_module_is_seen():
     torch.manual_seed(0)
     block = Block(torch.float32, bias=False).requires_grad_(False)
@@ -77,7 +93,7 @@ def test_a_replaced_module_is_seen():
     torch.testing.assert_close(block.only_a(x), F.linear(x, block.a.weight), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_model_repacks_after_write_weights(dtype, tmp_path):
     """The model-level hook: write_weights re-packs eagerly, and the logits follow the new matrix."""
     path = save_random_checkpoint(tmp_path / "llama", "llama", hidden_size=256, intermediate_size=1024,
