@@ -23,6 +23,17 @@ REDUCED = ["--data", "embedded:600", "--set", "sft.max_steps=20", "--set", "rewa
            "--set", "ppo.rollout_batch_size=16", "--set", "ppo.mini_batch_size=8"]
 
 
+def interruptible(command: list[str], **kwargs) -> subprocess.Popen:
+    """Start `command` as a terminal's foreground job would: with SIGINT at its default. A test run
+    started in the background by a non-interactive shell (nohup, `&`) inherits SIGINT ignored, and so
+    would the child (Python only turns SIGINT into KeyboardInterrupt where it is not ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)    # exec resets a handler to default
+    try:
+        return subprocess.Popen(command, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def up_command(run_dir, *extra) -> list[str]:
     return [sys.executable, "-m", "cli.up", "--run-dir", str(run_dir), *REDUCED, *extra]
 
@@ -70,8 +81,8 @@ def test_reduced_tandem_up_serves_every_pushed_version_and_writes_the_summary(tm
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_learner_and_the_server(tmp_path):
-    proc = subprocess.Popen(up_command(tmp_path / "run", "--iterations", "50"), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = interruptible(up_command(tmp_path / "run", "--iterations", "50"), stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
     try:
         address = None
         deadline = time.monotonic() + 300
@@ -178,8 +189,8 @@ def test_tandem_up_runs_the_learner_as_two_zero3_ranks_beside_the_server(tmp_pat
 @pytest.mark.slow
 def test_ctrl_c_stops_both_ranks_the_launcher_and_the_server(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(up_command(run, "--ranks", "2", "--iterations", "50"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = interruptible(up_command(run, "--ranks", "2", "--iterations", "50"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         ranks = []
