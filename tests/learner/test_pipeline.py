@@ -14,9 +14,10 @@ from learner.jobs.pipeline import run_pipeline
 
 @pytest.mark.slow
 def test_pipeline_learns_the_preference_and_ppo_raises_the_gold_score(tmp_path):
-    # the defaults' data with half the RM epochs and 3/4 of the PPO iterations (~55 s on a quiet core):
-    # measured +12.7 greedy, +27.9 sampled, RM accuracy 0.78; the defaults gain 12.5-19.3 / 23.7-37.2
-    summary = run_pipeline(tmp_path / "run", seed=3, reward={"epochs": 3}, ppo={"iterations": 60})
+    # the defaults with half the PPO iterations. Halving the RM epochs too was seed- and CPU-fragile: on an
+    # AVX2 Zen 3 its weaker reward model (same seed) took the greedy gold from 72.9 down to 69.5, while the
+    # full RM gives 93.5 (+20.7 greedy, +35.5 sampled, RM accuracy 0.89); the defaults gain 12.5-19.3 / 23.7-37.2
+    summary = run_pipeline(tmp_path / "run", seed=3, ppo={"iterations": 60})
     assert summary["reward_accuracy"] > 0.7, summary
     assert summary["gold_sampled_after"] > summary["gold_sampled_before"] + 15.0, summary
     assert summary["gold_after"] > summary["gold_before"] + 5.0, summary
