@@ -19,6 +19,17 @@ import torch
 from serving.layers import cpu_extension
 
 SOURCE = r"""
+// visit(row, t) for the cached rows t = 0 .. L-1 of one sequence, in order, where they lie in the cache
+template <typename T, typename Visit>
+static inline void for_each_row(const T* cache, const int64_t* table, int64_t L, int64_t bs, int64_t block_stride,
+                                int64_t token_stride, Visit&& visit) {
+  for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, ++blk) {
+    const int64_t n = std::min(bs, L - t0);
+    const T* base = cache + table[blk] * block_stride;
+    for (int64_t j = 0; j < n; ++j) visit(base + j * token_stride, t0 + j);
+  }
+}
+
 // One decoding sequence, all its heads: NV = head_dim / 16 vectors per row.
 // scores [H, Lp] and acc [H, NV] are scratch owned by the calling thread.
 template <int NV, typename T>
@@ -34,23 +45,18 @@ static void decode_one(const T* q, const T* kc, const T* vc, const int64_t* tabl
   for (int64_t h = 0; h < H; ++h)
     for (int v = 0; v < NV; ++v) qs[h * NV + v] = load(q + h * D + v * W) * scale;
   // scores: every key row is read once, for the G query heads that share its KV head
-  for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, ++blk) {
-    const int64_t n = std::min(bs, L - t0);
-    const T* base = kc + table[blk] * block_stride;
-    for (int64_t j = 0; j < n; ++j) {
-      const T* row = base + j * token_stride;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        vf k[NV];
-        for (int v = 0; v < NV; ++v) k[v] = load(row + h * D + v * W);
-        for (int64_t g = 0; g < G; ++g) {
-          const vf* qg = qs.data() + (h * G + g) * NV;
-          vf a = qg[0] * k[0];
-          for (int v = 1; v < NV; ++v) a += qg[v] * k[v];
-          scores[(h * G + g) * Lp + t0 + j] = hsum(a);
-        }
+  for_each_row(kc, table, L, bs, block_stride, token_stride, [&](const T* row, int64_t t) {
+    for (int64_t h = 0; h < Hkv; ++h) {
+      vf k[NV];
+      for (int v = 0; v < NV; ++v) k[v] = load(row + h * D + v * W);
+      for (int64_t g = 0; g < G; ++g) {
+        const vf* qg = qs.data() + (h * G + g) * NV;
+        vf a = qg[0] * k[0];
+        for (int v = 1; v < NV; ++v) a += qg[v] * k[v];
+        scores[(h * G + g) * Lp + t] = hsum(a);
       }
     }
-  }
+  });
   // softmax per query head, 16 positions at a time (the padding past L becomes exactly 0)
   std::vector<float> inv(H);
   for (int64_t hq = 0; hq < H; ++hq) {
@@ -68,22 +74,17 @@ static void decode_one(const T* q, const T* kc, const T* vc, const int64_t* tabl
     inv[hq] = 1.f / hsum(total);
   }
   // weighted sum of the value rows, read once for the G query heads of their KV head
-  for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, ++blk) {
-    const int64_t n = std::min(bs, L - t0);
-    const T* base = vc + table[blk] * block_stride;
-    for (int64_t j = 0; j < n; ++j) {
-      const T* row = base + j * token_stride;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        vf x[NV];
-        for (int v = 0; v < NV; ++v) x[v] = load(row + h * D + v * W);
-        for (int64_t g = 0; g < G; ++g) {
-          const vf p = splat(scores[(h * G + g) * Lp + t0 + j]);
-          vf* ag = acc.data() + (h * G + g) * NV;
-          for (int v = 0; v < NV; ++v) ag[v] += p * x[v];
-        }
+  for_each_row(vc, table, L, bs, block_stride, token_stride, [&](const T* row, int64_t t) {
+    for (int64_t h = 0; h < Hkv; ++h) {
+      vf x[NV];
+      for (int v = 0; v < NV; ++v) x[v] = load(row + h * D + v * W);
+      for (int64_t g = 0; g < G; ++g) {
+        const vf p = splat(scores[(h * G + g) * Lp + t]);
+        vf* ag = acc.data() + (h * G + g) * NV;
+        for (int v = 0; v < NV; ++v) ag[v] += p * x[v];
       }
     }
-  }
+  });
   for (int64_t hq = 0; hq < H; ++hq)
     for (int v = 0; v < NV; ++v) store(out + hq * D + v * W, acc[hq * NV + v] * inv[hq]);
 }
