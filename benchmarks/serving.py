@@ -21,7 +21,8 @@ linear parameters x 2 FLOPs x (prompt + output tokens), plus the LM head x 2 x o
 lookups are not counted), over the wall time, against a packed oneDNN linear of the 32M Llama's MLP
 shape ([512 x 512] . [512 x 1408]) timed in this process, same dtype and threads, after every repeat.
 (d) with --clients N, every repeat also serves the same requests to N concurrent streaming gRPC clients
-of a real server (a fresh one per repeat, interleaved with the offline runs): tokens/s as a share of the
+of a real server (a fresh one per repeat, interleaved with the offline runs; the clients in a process of
+their own, benchmarks/stream_clients.py, so they do not share the server's interpreter lock): tokens/s as a share of the
 offline engine's, and p50/p95 time-to-first-token and inter-token latency. Then (c) the SplitFuse
 ablation (fused passes against separate prefill and decode passes).
 """
@@ -36,13 +37,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.workload import SHARED_DATA, Request, mixed_workload, num_params, random_llama
+from benchmarks.workload import REPO, SHARED_DATA, Request, mixed_workload, num_params, random_llama
 
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", str(Path.home() / ".cache" / "tandem-peers")))
 PEERS_SRC = SHARED_DATA.parent / "peers"
@@ -162,8 +162,10 @@ def run_engine(engine, requests: list[Request]) -> tuple[float, int]:
 
 
 def latency(path: Path, requests: list[Request], clients: int, token_budget: int, dtype: str = "float32") -> dict:
-    """TTFT and ITL percentiles of `clients` concurrent streaming gRPC clients on a real server."""
-    from clients.client import TandemClient
+    """TTFT and ITL percentiles of `clients` concurrent streaming gRPC clients on a real server; the
+    clients run in a process of their own (benchmarks/stream_clients.py), as real clients do."""
+    import json
+
     from serving.engine.config import EngineConfig
     from serving.rpc.server import start_server
 
@@ -171,39 +173,18 @@ def latency(path: Path, requests: list[Request], clients: int, token_budget: int
     cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype=dtype, device="cpu",
                        token_budget=token_budget, enable_prefix_caching=False)   # as the offline engine
     server = start_server(cfg, host="127.0.0.1", port=0)
-    ttft, itl = [], []
-    lock = threading.Lock()
-
-    def worker(share: list[Request]) -> None:
-        with TandemClient(f"127.0.0.1:{server.port}") as client:
-            for r in share:
-                t0 = time.perf_counter()
-                last = None
-                for delta in client.generate_stream(r.prompt_ids, temperature=0.0,
-                                                    max_new_tokens=r.max_new_tokens, ignore_eos=True):
-                    now = time.perf_counter()
-                    if not delta.token_ids:
-                        continue
-                    with lock:
-                        if last is None:
-                            ttft.append(now - t0)
-                        else:
-                            itl.append((now - last) / len(delta.token_ids))
-                    last = now
-
     try:
-        threads = [threading.Thread(target=worker, args=(requests[i::clients],)) for i in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump([{"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens} for r in requests], f)
+            f.flush()
+            done = subprocess.run([sys.executable, "-m", "benchmarks.stream_clients", "--address",
+                                   f"127.0.0.1:{server.port}", "--requests", f.name, "--clients", str(clients)],
+                                  capture_output=True, text=True, check=False, cwd=REPO)
+        if done.returncode != 0:
+            raise RuntimeError(f"the streaming clients failed: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
     finally:
         server.stop()
-    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))] * 1000  # noqa: E731
-    return {"ttft_p50_ms": q(ttft, 0.5), "ttft_p95_ms": q(ttft, 0.95), "itl_p50_ms": q(itl, 0.5),
-            "itl_p95_ms": q(itl, 0.95), "tokens_per_s": sum(r.max_new_tokens for r in requests) / wall}
 
 
 def bench_model(name: str, path: Path, args) -> None:
