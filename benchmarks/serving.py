@@ -22,8 +22,8 @@ lookups are not counted), over the wall time, against a packed oneDNN linear of 
 shape ([512 x 512] . [512 x 1408]) timed in this process, same dtype and threads, after every repeat.
 (d) with --clients N, every repeat also serves the same requests to N concurrent streaming gRPC clients
 of a real server (a fresh one per repeat, interleaved with the offline runs; the clients in a process of
-their own, benchmarks/stream_clients.py, so they do not share the server's interpreter lock): tokens/s as a share of the
-offline engine's, and p50/p95 time-to-first-token and inter-token latency. Then (c) the SplitFuse
+their own, benchmarks/stream_clients.py, so they do not share the server's interpreter lock): tokens/s as
+a share of the offline engine's, and p50/p95 time-to-first-token and inter-token latency. Then (c) the SplitFuse
 ablation (fused passes against separate prefill and decode passes).
 """
 

@@ -26,7 +26,6 @@ import os
 import torch
 from torch import nn
 
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
 MIN_PACKED_FP32 = 512 * 256      # fp32 matrices smaller than this were as fast or faster unpacked
 MIN_PACKED_FP32_IN = 256         # ...and so were fp32 ones with fewer inputs (TinyStories' 128)
 PACK_BATCH_HINT = 64             # the row count oneDNN tunes the packed layout for
@@ -45,7 +44,7 @@ def _bf16_packs() -> bool:
     return True
 
 
-BF16_PACKED = _bf16_packs()
+PACKED_DTYPES = (torch.float32, torch.bfloat16) if _bf16_packs() else (torch.float32,)
 
 
 class Conv1D(nn.Module):
@@ -95,7 +94,7 @@ class PackedLinear:
         if not ENABLED or not all(type(m) is kind for m in modules):
             return False
         w = modules[0].weight
-        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES or (w.dtype == torch.bfloat16 and not BF16_PACKED):
+        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
             return False
         if any(m.weight.dtype != w.dtype or (m.bias is not None and m.bias.dtype != w.dtype) for m in modules):
             return False

@@ -15,8 +15,8 @@ from serving.models.random_init import save_random_checkpoint
 pytestmark = pytest.mark.skipif(not linear_mod.ENABLED, reason="oneDNN (mkldnn) is not available in this torch build")
 
 NO_BF16 = "this CPU's oneDNN has no bf16 linear (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
-DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not linear_mod.BF16_PACKED,
-                                                                              reason=NO_BF16))]
+BF16_SKIP = pytest.mark.skipif(torch.bfloat16 not in linear_mod.PACKED_DTYPES, reason=NO_BF16)
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=BF16_SKIP)]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
@@ -72,7 +72,7 @@ def test_result_follows_new_weights_after_an_in_place_write(dtype):
 
 
 def test_bf16_takes_the_plain_path_where_onednn_cannot_pack_it(monkeypatch):
-    monkeypatch.setattr(linear_mod, "BF16_PACKED", False)
+    monkeypatch.setattr(linear_mod, "PACKED_DTYPES", (torch.float32,))
     torch.manual_seed(0)
     block = Block(torch.bfloat16, bias=True).requires_grad_(False)
     x = torch.randn(9, 512, dtype=torch.bfloat16)
