@@ -185,7 +185,8 @@ class PPOConfig(CommonConfig):
     gold_eval_prompts: int = 64         # task prompts scored by the gold judge (embedded task); = gold.DEFAULT_EVAL_PROMPTS
     # step-3 speed (issue 11): each is exact or within the stated rounding, and each can be turned off
     reuse_rollout_logprobs: bool = True  # a fresh rollout's behaviour logprobs are the old policy's: no actor forward
-    frozen_dtype: str = "bfloat16"      # reference and reward models: float32 | bfloat16 (scores only; no training)
+    frozen_dtype: str = "auto"          # reference and reward models: auto | float32 | bfloat16 (scores only; no
+    #                                     training); auto = bf16 where the device multiplies it natively (ds.fast_bf16)
     sort_chunk_rows: int = 4            # experience forwards in length-sorted chunks of this many rows (0: batch order)
 
     def validate(self) -> PPOConfig:
@@ -241,8 +242,8 @@ class PPOConfig(CommonConfig):
             raise ConfigError("gold_eval_prompts", f"must be >= 1, got {self.gold_eval_prompts}")
         if self.max_staleness < 0:
             raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
-        if self.frozen_dtype not in ("float32", "bfloat16"):
-            raise ConfigError("frozen_dtype", f"must be float32 or bfloat16, got {self.frozen_dtype!r}")
+        if self.frozen_dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError("frozen_dtype", f"must be auto, float32 or bfloat16, got {self.frozen_dtype!r}")
         if self.sort_chunk_rows < 0:
             raise ConfigError("sort_chunk_rows", f"must be >= 0 (0: batch order), got {self.sort_chunk_rows}")
         for name in ("rpc_timeout_s", "server_down_limit_s"):

@@ -72,7 +72,7 @@ def load_models(config: PPOConfig) -> PPOModels:
     if config.algo == "ppo":
         critic_model = apply_lora(ValueModel.from_pretrained(paths["critic_model"], dtype), config.lora)
         critic = ds.init_engine(critic_model, opts, lr=config.critic_learning_rate, **common)
-    frozen = ds.DTYPES[config.frozen_dtype]        # scores only: bf16 by default (half the bytes, faster matmul)
+    frozen = ds.frozen_dtype(config.frozen_dtype)  # scores only: bf16 where it is fast (half the bytes)
     reference = ds.init_frozen(load_causal_lm(paths["actor_model"], dtype), opts, batch_size=config.mini_batch_size,
                                dtype=frozen)
     reward = ds.init_frozen(ValueModel.from_pretrained(paths["reward_model"], dtype), opts,
@@ -83,7 +83,7 @@ def load_models(config: PPOConfig) -> PPOModels:
         ema = ActorEMA(ds.init_frozen(ema_model, opts, batch_size=config.mini_batch_size, whole_max_params=0),
                        config.ema_decay)
         ema.update(actor, decay=0.0)  # start equal to the actor (its LoRA initialisation too)
-    log.info("%s models: actor %s, critic %s, reward %s (ZeRO-%d, %s)", config.algo, paths["actor_model"],
-             paths["critic_model"] if critic is not None else "none",
-             paths["reward_model"], opts.zero_stage, opts.dtype)
+    log.info("%s models: actor %s, critic %s, reward %s (ZeRO-%d, %s; reference and reward in %s)", config.algo,
+             paths["actor_model"], paths["critic_model"] if critic is not None else "none",
+             paths["reward_model"], opts.zero_stage, opts.dtype, str(frozen).removeprefix("torch."))
     return PPOModels(tokenizer, actor, critic, reference, reward, ema, paths)

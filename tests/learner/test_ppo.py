@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.errors import ConfigError
-from learner import modeling
+from learner import ds, modeling
 from learner.config import DeepSpeedOptions, LoraOptions, PPOConfig
 from learner.ds import unwrap as ds_unwrap
 from learner.ppo import math as pm
@@ -329,6 +329,8 @@ def test_the_fast_experience_equals_the_full_one(run_dir):
 
     bf16 = load_models(dataclasses.replace(config, frozen_dtype="bfloat16"))
     assert next(ds_unwrap(bf16.reference).parameters()).dtype == torch.bfloat16
+    auto = load_models(dataclasses.replace(config, frozen_dtype="auto"))     # bf16 only where it is native
+    assert next(ds_unwrap(auto.reward).parameters()).dtype == (torch.bfloat16 if ds.fast_bf16() else torch.float32)
     half = PPOTrainer(config, models.actor, models.critic, bf16.reference, bf16.reward,
                       tok.pad_token_id).make_experience(rollouts)
     token_error = ((half.ref_logprobs - full.ref_logprobs).abs() * full.action_mask).sum() / full.action_mask.sum()
