@@ -69,6 +69,7 @@ class Codec:
     def __init__(self, tokenizer, lock, vocab_size: int, max_model_len: int):
         self.tokenizer, self.lock, self.vocab_size, self.max_model_len = tokenizer, lock, vocab_size, max_model_len
         self._token_text: dict[int, str] = {}
+        self._anchor: tuple[list[int], str] | None = None     # see _in_context
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -83,10 +84,22 @@ class Codec:
             return self.tokenizer.decode(ids)
 
     def token_text(self, token_id: int) -> str:
+        """The text a token adds after another token, as it reads inside a completion (its leading space kept:
+        a SentencePiece tokenizer decodes "▁home" alone as "home"), so a choice's logprob tokens join into
+        its text; decoded after an anchor token and cut after the anchor's own text."""
         text = self._token_text.get(token_id)
         if text is None:
-            text = self._token_text[token_id] = self.decode([token_id]) if self.tokenizer is not None else str(token_id)
+            text = self._token_text[token_id] = self._in_context(token_id) if self.tokenizer is not None \
+                else str(token_id)
         return text
+
+    def _in_context(self, token_id: int) -> str:
+        if self._anchor is None:
+            anchor = self.encode("a")[-1:]
+            self._anchor = (anchor, self.decode(anchor))
+        anchor, anchor_text = self._anchor
+        pair = self.decode(anchor + [token_id])
+        return pair[len(anchor_text):] if anchor and pair.startswith(anchor_text) else self.decode([token_id])
 
     def chat(self, messages: list[dict]) -> tuple[str, list[int]]:
         if self.tokenizer is None:

@@ -144,6 +144,9 @@ def test_n2_with_logprobs(client):
             assert 1 <= len(top) <= 3
             assert sampled <= max(top.values()) + 1e-5
     assert out.usage.completion_tokens == 24
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, logprobs=1)
+    words = greedy.choices[0].text.split()       # SentencePiece word starts ("▁home") keep their space
+    assert len(words) > 5 and "".join(greedy.choices[0].logprobs.tokens) == greedy.choices[0].text
 
 
 def test_chat_top_logprobs_greedy(client):
