@@ -10,7 +10,7 @@ import torch
 
 from common.errors import InvalidRequest
 from serving.engine.detokenizer import IncrementalDetokenizer, fast_decode
-from serving.engine.sampler import Sampler
+from serving.engine.sampler import Sampler, draw
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence
 
@@ -53,6 +53,23 @@ def test_seeded_rows_are_reproducible_whatever_the_batch_companions():
     assert len(set(alone)) > 1, "temperature sampling should not be constant over 20 draws"
     different_seed = [sampler(logits[2:3], [seq_with(params, seed=124)])[0][0] for _ in range(20)]
     assert different_seed != alone
+
+
+def test_batched_draw_follows_each_rows_softmax_and_never_draws_a_masked_token():
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(5)) * 1.5
+    logits[1, ::2] = float("-inf")                     # row 1: only odd tokens, the last one masked too
+    logits[1, 19] = float("-inf")
+    logits[2] = float("-inf")
+    logits[2, 0] = 0.0                                 # row 2: one token left
+    gens = [torch.Generator().manual_seed(40 + i) for i in range(3)]
+    counts = torch.zeros(3, 20)
+    for _ in range(20000):
+        counts[torch.arange(3), draw(logits, gens)] += 1
+    freq = counts / counts.sum(1, keepdim=True)
+    expected = torch.softmax(logits, -1)
+    assert (counts[expected == 0] == 0).all()
+    total_variation = 0.5 * (freq - expected).abs().sum(1)
+    assert (total_variation < 0.02).all(), total_variation
 
 
 def test_top_k_and_top_p_restrict_the_support_but_logprobs_stay_raw():
