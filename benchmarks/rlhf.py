@@ -15,8 +15,10 @@ measured 15-19 samples/s at ZeRO-0, 6.8-7.7 at ZeRO-3 and 22.4 with 2 processes 
 Modes: `local` generates with HF `generate` inside the learner (DS-Chat without its hybrid engine; the
 learner gets every core); `remote` rolls out on the generation server (a child process, 1 thread) while
 the learner (the other core) trains on the previous batch, and pushes the actor (fp32) after every
-iteration. Variants: `after` is today's defaults; `before` turns off this issue's levers (the actor's
-experience forward on fresh rollouts, bf16 frozen models, length-sorted chunks) to show what they buy.
+iteration; the server generates the next batch while the learner makes its experience, so in `after` the
+learner's update takes every core (`update_threads`). Variants: `after` is today's defaults; `before`
+turns off this issue's levers (the actor's experience forward on fresh rollouts, bf16 frozen models,
+length-sorted chunks, update_threads) to show what they buy.
 
 Every run is its own child process (`--ranks` of them under the deepspeed launcher), the runs of one
 repeat interleaved. Throughput counts the iterations after the first (warm-up), from the end of iteration
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                         if mode == "remote":
                             config.update(rollout="remote", server=server.address, max_staleness=1,
                                           push_weights=True, push_token_file=str(token_file))
+                            if variant == "after":     # the server is idle during the update: take its core
+                                config.update(update_threads=max(threads, cores // args.ranks))
                         figures = launch({"config": config, "threads": threads}, args.ranks, work, name)
                         results.setdefault(key, []).append(figures)
                         print(f"{name:24s} {json.dumps({k: round(v, 3) for k, v in figures.items()})}", flush=True)

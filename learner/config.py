@@ -188,6 +188,9 @@ class PPOConfig(CommonConfig):
     frozen_dtype: str = "auto"          # reference and reward models: auto | float32 | bfloat16 (scores only; no
     #                                     training); auto = bf16 where the device multiplies it natively (ds.fast_bf16)
     sort_chunk_rows: int = 4            # experience forwards in length-sorted chunks of this many rows (0: batch order)
+    update_threads: int = 0             # torch threads of the actor/critic update (0: the process's own); a remote
+    #                                     learner sharing cores with its server can take them all here, since the
+    #                                     server generates the next batch during the experience forwards
 
     def validate(self) -> PPOConfig:
         super().validate()
@@ -244,6 +247,8 @@ class PPOConfig(CommonConfig):
             raise ConfigError("max_staleness", f"must be >= 0, got {self.max_staleness}")
         if self.frozen_dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError("frozen_dtype", f"must be auto, float32 or bfloat16, got {self.frozen_dtype!r}")
+        if self.update_threads < 0:
+            raise ConfigError("update_threads", f"must be >= 0 (0: the process's threads), got {self.update_threads}")
         if self.sort_chunk_rows < 0:
             raise ConfigError("sort_chunk_rows", f"must be >= 0 (0: batch order), got {self.sort_chunk_rows}")
         for name in ("rpc_timeout_s", "server_down_limit_s"):

@@ -12,6 +12,7 @@ the batch into minibatches, so reusing a batch never moves the targets (a DeepSp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -32,6 +33,18 @@ from learner.rollout.local import Rollout
 log = logging.getLogger(__name__)
 
 __all__ = ["PPOTrainer", "reward_scores", "sequence_logprobs", "sequence_values"]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op threads set to `threads` inside (0: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class PPOTrainer:
@@ -200,7 +213,8 @@ class PPOTrainer:
         began = time.perf_counter()
         exp = self.make_experience(rollouts)
         made = time.perf_counter()
-        stats = self.train_on(exp)
+        with torch_threads(self.config.update_threads):
+            stats = self.train_on(exp)
         stats.update(experience_s=made - began, update_s=time.perf_counter() - made, fresh_fraction=self.last_fresh)
         kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.action_mask)
         kl_mean = kl.mean().item()

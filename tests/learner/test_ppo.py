@@ -18,7 +18,7 @@ from learner.ds import unwrap as ds_unwrap
 from learner.ppo import math as pm
 from learner.ppo.models import load_models
 from learner.ppo.step import run_ppo
-from learner.ppo.trainer import PPOTrainer, sequence_logprobs, sequence_values
+from learner.ppo.trainer import PPOTrainer, sequence_logprobs, sequence_values, torch_threads
 from learner.rollout.local import LocalRolloutSource, SamplingParams
 
 NAMES = ["Lily", "Tom", "Sue", "Ben", "Max", "Mia"]
@@ -155,6 +155,18 @@ def test_missing_step_outputs_name_the_field(tmp_path):
     with pytest.raises(ConfigError) as err:
         run_ppo(config)
     assert err.value.field == "actor_model"
+
+
+def test_update_threads_apply_inside_the_update_and_are_restored():
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):                              # 0: the process's own
+        assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError) as err:
+        PPOConfig(update_threads=-1).validate()
+    assert err.value.field == "update_threads"
 
 
 @pytest.mark.slow
