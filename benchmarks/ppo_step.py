@@ -23,7 +23,7 @@ import sys
 from benchmarks.rlhf import BEFORE, HH_RLHF, TINYSTORIES
 
 VARIANTS = {"before": {}, "+reuse": {"reuse_rollout_logprobs": True}, "+bf16 frozen": {"frozen_dtype": "bfloat16"},
-            "+sorted chunks": {"sort_chunk_rows": 4}, "after": None}
+            "+sorted chunks": {"sort_chunk_rows": 4}, "+values in update": {"values_in_update": True}, "after": None}
 
 
 def hh_prompts(tokenizer, n: int, max_len: int) -> list[list[int]]:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = {k: statistics.median(v) for k, v in times["before"].items()}
     for name, t in times.items():
         e, u = statistics.median(t["experience"]), statistics.median(t["update"])
-        print(f"  {name:15s} experience {e:6.3f} [{min(t['experience']):.3f}-{max(t['experience']):.3f}] "
+        print(f"  {name:17s} experience {e:6.3f} [{min(t['experience']):.3f}-{max(t['experience']):.3f}] "
               f"({ref['experience'] / e:4.2f}x)   update {u:6.3f} [{min(t['update']):.3f}-{max(t['update']):.3f}] "
               f"({ref['update'] / u:4.2f}x)   both {(ref['experience'] + ref['update']) / (e + u):4.2f}x")
     return 0

@@ -18,7 +18,7 @@ the learner (the other core) trains on the previous batch, and pushes the actor 
 iteration; the server generates the next batch while the learner makes its experience, so in `after` the
 learner's update takes every core (`update_threads`). Variants: `after` is today's defaults; `before`
 turns off this issue's levers (the actor's experience forward on fresh rollouts, bf16 frozen models,
-length-sorted chunks, update_threads) to show what they buy.
+length-sorted chunks, the critic's values from its update forward, update_threads) to show what they buy.
 
 Every run is its own child process (`--ranks` of them under the deepspeed launcher), the runs of one
 repeat interleaved. Throughput counts the iterations after the first (warm-up), from the end of iteration
@@ -48,7 +48,7 @@ DSCHAT = {"max_prompt_len": 128, "max_new_tokens": 128, "rollout_batch_size": 16
           "mini_batch_size": 16, "ppo_epochs": 1, "actor_learning_rate": 9.65e-6, "critic_learning_rate": 5e-6,
           "data_split": "0,0,1"}
 # the levers of issue 11, all off: what step 3 did before it
-BEFORE = {"reuse_rollout_logprobs": False, "frozen_dtype": "float32", "sort_chunk_rows": 0}
+BEFORE = {"reuse_rollout_logprobs": False, "frozen_dtype": "float32", "sort_chunk_rows": 0, "values_in_update": False}
 REFERENCE = {"deepspeed-chat": {0: "15-19", 3: "6.8-7.7", "2 ranks": "22.4"}, "trl 1.12": "10-11"}
 
 

@@ -188,6 +188,8 @@ class PPOConfig(CommonConfig):
     frozen_dtype: str = "auto"          # reference and reward models: auto | float32 | bfloat16 (scores only; no
     #                                     training); auto = bf16 where the device multiplies it natively (ds.fast_bf16)
     sort_chunk_rows: int = 4            # experience forwards in length-sorted chunks of this many rows (0: batch order)
+    values_in_update: bool = True       # one PPO epoch over one minibatch: the critic's old values come from its
+    #                                     update forward (before any weight moves, so exactly the same values)
     update_threads: int = 0             # torch threads of the actor/critic update (0: the process's own); a remote
     #                                     learner sharing cores with its server can take them all here, since the
     #                                     server generates the next batch during the experience forwards

@@ -79,6 +79,8 @@ class ExperienceBatch:
     raw_score: torch.Tensor             # [B] reward-model score as the model gave it
     weight_versions: torch.Tensor       # [B]
     prompt_width: int = 1               # responses start at this column (P); 1 = unknown, score every position
+    values_pending: bool = False        # values, rewards, advantages and returns are still to come from the
+                                        # critic's update forward (PPOTrainer.values_in_update)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

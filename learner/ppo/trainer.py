@@ -105,8 +105,9 @@ class PPOTrainer:
             logprobs[stale] = raw
             ratio_logprobs[stale] = ratio               # the same tensor as logprobs for raw ratios
         ref_logprobs = plan.run(sequence_logprobs, self.reference, ids, attn, width).float()
-        values = (plan.run(sequence_values, self.critic, ids, attn, width).float() if self.critic is not None
-                  else torch.zeros_like(logprobs))
+        pending = self.values_in_update(len(rollouts))
+        values = (plan.run(sequence_values, self.critic, ids, attn, width).float()
+                  if self.critic is not None and not pending else torch.zeros_like(logprobs))
         raw_score = plan.run(reward_scores, self.reward, ids, attn, width).float()
         self.last_fresh = float(fresh.float().mean())
         self.actor.train()
@@ -122,12 +123,31 @@ class PPOTrainer:
         if self.config.missing_eos_penalty > 0:   # the reward model never saw a response without its EOS
             unfinished = torch.tensor([r.finish_reason != "stop" for r in rollouts], device=score.device)
             score = score - self.config.missing_eos_penalty * unfinished.to(score.dtype)
-        rewards, advantages, returns = self.advantages(logprobs, ref_logprobs, values, score, mask)
+        if pending:                                     # filled in by train_on, from the critic's update forward
+            rewards = advantages = returns = torch.zeros_like(logprobs)
+        else:
+            rewards, advantages, returns = self.advantages(logprobs, ref_logprobs, values, score, mask)
         return ExperienceBatch(
             input_ids=ids, attention_mask=attn, action_mask=mask, logprobs=logprobs * mask,
             ratio_logprobs=ratio_logprobs * mask, ref_logprobs=ref_logprobs * mask, behaviour_logprobs=behaviour,
             values=values * mask, rewards=rewards, advantages=advantages, returns=returns, score=score,
-            raw_score=raw_score, weight_versions=seq.weight_versions.to(self.device), prompt_width=width)
+            raw_score=raw_score, weight_versions=seq.weight_versions.to(self.device), prompt_width=width,
+            values_pending=pending)
+
+    def values_in_update(self, rows: int) -> bool:
+        """Whether the critic's old values can come from its update forward instead of an experience forward of
+        their own: one PPO epoch over a batch that is one minibatch, so that forward runs before any critic
+        weight moves and sees every row (DeepSpeed-Chat's step-3 setting); exact, and one forward fewer."""
+        c = self.config
+        return (c.values_in_update and self.critic is not None and c.algo == "ppo" and c.ppo_epochs == 1
+                and rows <= c.mini_batch_size)
+
+    def fill_values(self, mb: ExperienceBatch, values: torch.Tensor) -> None:
+        """A values_pending batch gets its old values (the critic's, detached) and what follows from them."""
+        old = values.detach().float() * mb.action_mask
+        mb.rewards, mb.advantages, mb.returns = self.advantages(mb.logprobs, mb.ref_logprobs, old, mb.score,
+                                                                mb.action_mask)
+        mb.values, mb.values_pending = old, False
 
     def advantages(self, logprobs, ref_logprobs, values, score, mask):
         """(per-token rewards, advantages, returns) [B, T] by config.algo; see learner.ppo.advantages."""
@@ -191,6 +211,8 @@ class PPOTrainer:
 
     def critic_step(self, mb: ExperienceBatch) -> dict[str, float]:
         values = sequence_values(self.critic, mb.input_ids, mb.attention_mask)
+        if mb.values_pending:
+            self.fill_values(mb, values)
         loss, stats = pm.value_loss(values, mb.values, mb.returns, mb.action_mask, self.config.cliprange_value)
         self.critic.backward(loss)
         self.critic.step()
@@ -201,7 +223,9 @@ class PPOTrainer:
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for _ in range(self.config.ppo_epochs):
-            for mb in exp.minibatches(self.config.mini_batch_size, self.generator):
+            # values_pending: the batch is its own one minibatch (order is immaterial), filled in place
+            batches = [exp] if exp.values_pending else exp.minibatches(self.config.mini_batch_size, self.generator)
+            for mb in batches:
                 critic = self.critic_step(mb) if self.critic is not None else {}
                 for k, v in {**self.actor_step(mb), **critic}.items():
                     sums[k] += v

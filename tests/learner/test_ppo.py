@@ -348,3 +348,39 @@ def test_the_fast_experience_equals_the_full_one(run_dir):
     token_error = ((half.ref_logprobs - full.ref_logprobs).abs() * full.action_mask).sum() / full.action_mask.sum()
     assert 0 < token_error < 0.05, token_error
     assert (half.raw_score - full.raw_score).abs().max() < 0.05 * full.raw_score.abs().max() + 1e-3
+
+
+def test_values_from_the_critics_update_forward_train_exactly_as_an_experience_forward(run_dir):
+    """One PPO epoch over one minibatch (DeepSpeed-Chat's setting): the critic's old values come from its update
+    forward, one forward fewer; the values, advantages and the updated actor and critic are those of the plain
+    path (float rounding apart)."""
+    plain_config = _config(run_dir, ppo_epochs=1, mini_batch_size=8, values_in_update=False,
+                           deepspeed=DeepSpeedOptions(zero_stage=0))
+    runs = {}
+    for name, config in (("plain", plain_config), ("fused", dataclasses.replace(plain_config, values_in_update=True))):
+        models = load_models(config)
+        tok = models.tokenizer
+        prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES, THINGS)] + [[1, 4, 5]]
+        rollouts = LocalRolloutSource(models.actor, tok).generate(prompts, SamplingParams(max_new_tokens=12, seed=3))
+        trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
+        calls = []
+        hook = ds_unwrap(models.critic).register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        try:
+            exp = trainer.make_experience(rollouts)
+            experience_calls = len(calls)
+            assert exp.values_pending == (name == "fused")
+            stats = trainer.train_on(exp)
+        finally:
+            hook.remove()
+        assert (experience_calls == 0) == (name == "fused")     # no critic forward of the experience's own
+        assert len(calls) - experience_calls == 1                # the update's
+        assert not exp.values_pending and exp.returns.abs().sum() > 0
+        runs[name] = (exp, stats, {k: v.detach().clone() for k, v in ds_unwrap(models.critic).state_dict().items()},
+                      {k: v.detach().clone() for k, v in ds_unwrap(models.actor).state_dict().items()})
+    (plain, plain_stats, plain_critic, plain_actor), (fused, fused_stats, fused_critic, fused_actor) = runs.values()
+    for name in ("values", "rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(fused, name), getattr(plain, name), atol=1e-5, rtol=0, msg=name)
+    assert fused_stats["critic_loss"] == pytest.approx(plain_stats["critic_loss"], rel=1e-4)
+    for weights_f, weights_p in ((fused_critic, plain_critic), (fused_actor, plain_actor)):
+        for key in weights_p:
+            torch.testing.assert_close(weights_f[key], weights_p[key], atol=1e-5, rtol=0, msg=key)
