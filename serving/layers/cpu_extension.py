@@ -2,8 +2,8 @@
 
 The kernels live beside the Python code that calls them (serving/layers/paged_kernel.py: decode attention
 over the paged cache; serving/layers/fused_kernels.py: SiLU-and-multiply and RoPE in one pass each).
-`load()` concatenates this module's HEADER (16-lane vector helpers, written with the GCC/Clang vector
-extensions, so the same source is AVX-512 where the CPU has it and AVX2 or NEON pairs elsewhere) with
+`load()` concatenates this module's HEADER (8-lane vector helpers, written with the GCC/Clang vector
+extensions: one AVX2 register, a NEON pair, half an AVX-512 register, the same code everywhere) with
 their sources and builds them with torch.utils.cpp_extension.load_inline: g++ -O3 -march=native, about
 a minute, logged. The build is cached under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)
 under a name that hashes this CPU's model and flags and the source itself, so later starts load it in
@@ -31,12 +31,15 @@ HEADER = r"""
 #include <cstring>
 #include <vector>
 
-// 16-lane vectors (GCC/Clang vector extensions): one AVX-512 register, or two AVX2 ones.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-constexpr int W = 16;
+// 8-lane vectors (GCC/Clang vector extensions): one AVX2 register, half an AVX-512 one. Not wider: GCC splits
+// a 16-lane vector into AVX2 halves well enough for arithmetic, but its compares, selects and integer
+// conversions then go through the stack (measured on Zen 3: a 16-lane exp made silu_mul 4x slower than
+// torch's two passes), and one width means an AVX-512 machine runs exactly the code tested on AVX2.
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vh __attribute__((vector_size(16)));
+constexpr int W = 8;
 
 static inline vf splat(float x) { return vf{} + x; }
 static inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
@@ -46,7 +49,7 @@ static inline vf load(const c10::BFloat16* p) {      // bf16 -> fp32: the 16 bit
   vf v; std::memcpy(&v, &w, sizeof v); return v;
 }
 static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-// fp32 -> bf16, round to nearest even as c10::BFloat16 does (NaN stays a quiet NaN), 16 lanes at once.
+// fp32 -> bf16, round to nearest even as c10::BFloat16 does (NaN stays a quiet NaN), W lanes at once.
 static inline void store(c10::BFloat16* p, vf v) {
   vu bits; std::memcpy(&bits, &v, sizeof bits);
   const vu rounded = (bits + (((bits >> 16) & 1u) + 0x7fffu)) >> 16;
@@ -55,18 +58,30 @@ static inline void store(c10::BFloat16* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 
-// Lane permutations, spelled per compiler (both lower them to one shuffle instruction).
+// Lane permutations of one or two vectors, spelled per compiler (both lower them to shuffle instructions).
 #if defined(__clang__)
 #define TANDEM_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#define TANDEM_SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define TANDEM_SHUFFLE(v, ...) __builtin_shuffle(v, vi{__VA_ARGS__})
+#define TANDEM_SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
 #endif
 static inline float hsum(vf v) {
-  v += TANDEM_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += TANDEM_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += TANDEM_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v += TANDEM_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  v += TANDEM_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += TANDEM_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += TANDEM_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
   return v[0];
+}
+// Pairwise sums within each 4-lane half, as x86's hadd: [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7].
+static inline vf hadd(vf a, vf b) {
+  return TANDEM_SHUFFLE2(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + TANDEM_SHUFFLE2(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+// The W horizontal sums of a[0 .. W-1] as one vector (lane j = hsum(a[j])): 7 hadds and one cross-half add
+// for 8 sums, where 8 hsums take 24 shuffles and 24 adds.
+static inline vf hsums(const vf* a) {
+  const vf lo = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]));   // lanes 0-3: a0..a3 low halves, 4-7: high halves
+  const vf hi = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
+  return TANDEM_SHUFFLE2(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) + TANDEM_SHUFFLE2(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 static inline float hmax(vf v) {
   float m = v[0];
