@@ -27,8 +27,11 @@ HEADER = r"""
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 // 8-lane vectors (GCC/Clang vector extensions): one AVX2 register, half an AVX-512 one. Not wider: GCC splits

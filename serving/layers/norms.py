@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.layers import fused_kernels
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, with a learned scale."""
@@ -15,7 +17,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x); with `residual`, (residual + x, RMSNorm(residual + x)), one pass on CPU for both."""
+        fused = fused_kernels.rms_norm(x, self.weight, self.eps, residual)
+        if fused is not None:
+            return fused
+        if residual is not None:
+            x = residual + x
+            return x, self._norm(x)
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused op, bit-identical to the unfused form in float32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()

@@ -68,8 +68,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x, rope, meta, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
+        x, h = self.post_attention_layernorm(h, residual=x)      # the residual add and the norm in one pass
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (SiLU-and-multiply, RoPE) against the PyTorch forms they replace."""
+"""The fused CPU kernels (SiLU-and-multiply, RoPE, RMSNorm) against the PyTorch forms they replace."""
 
 from __future__ import annotations
 
@@ -71,3 +71,29 @@ def test_disabled_kernels_give_the_pytorch_forms(monkeypatch):
     assert got_q.data_ptr() != q.data_ptr()                           # the out-of-place PyTorch form ran
     want_q, want_k = _reference_rope(q, k, cos, sin)
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [128, 37])
+def test_rms_norm_with_and_without_the_residual_add_matches_the_pytorch_form(dtype, width, monkeypatch):
+    from serving.layers.norms import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(width, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width) * 2)
+    packed = torch.randn(23, 3 * width, dtype=dtype) * 4
+    x = packed[:, width:2 * width]                                     # a strided view, as a sublayer's output may be
+    residual = torch.randn(23, width, dtype=dtype)
+    monkeypatch.setattr(fused_kernels, "ENABLED", False)              # the PyTorch form, as the reference
+    want = norm(x)
+    want_sum, want_normed = norm(x, residual=residual)
+    monkeypatch.undo()
+    got = norm(x)
+    got_sum, got_normed = norm(x, residual=residual)
+    assert fused_kernels.rms_norm(x, norm.weight, norm.eps) is not None   # the kernel served it
+    assert torch.equal(got_sum, want_sum)                                 # one rounded add, as torch's
+    tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(got_normed.float(), want_normed.float(), **tol)
+    assert got.dtype == dtype and got_normed.shape == (23, width)
