@@ -24,7 +24,7 @@ def _metadata(chunks, block_size, dtype, kernel: bool):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (8, 2, 48), (8, 4, 16), (2, 1, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (8, 2, 48), (8, 4, 16), (2, 1, 128), (12, 4, 16)])
 def test_kernel_matches_the_gathered_path_with_mixed_chunks(dtype, heads, kv_heads, head_dim):
     rng = random.Random(0)
     torch.manual_seed(0)
