@@ -27,6 +27,7 @@ import torch
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence
 from serving.engine.top_logprobs import top_logprobs
+from serving.layers import greedy_kernel
 
 
 class Sampled(NamedTuple):
@@ -44,9 +45,13 @@ class Sampler:
         assert logits.shape[0] == len(seqs), f"{logits.shape[0]} logit rows for {len(seqs)} sequences"
         raw = logits = logits.float()
         logits = self._mask_until_min_tokens(logits, seqs)
-        tokens = torch.argmax(logits, dim=-1)
         processed: dict[int, torch.Tensor] = {}     # row -> log_softmax of what it was drawn from ("processed" rows)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if logits is raw and not sampled_rows:      # all greedy, nothing masked: argmax and logprob in one pass
+            picked = greedy_kernel.greedy_pick(raw)
+            if picked is not None:
+                return Sampled(picked[0].tolist(), picked[1].tolist(), top_logprobs(raw, seqs, processed))
+        tokens = torch.argmax(logits, dim=-1)
         if sampled_rows:
             tokens = tokens.cpu()
             rows = process_rows(logits[sampled_rows].cpu(), [seqs[i].params for i in sampled_rows])

@@ -1,7 +1,8 @@
 """tandem's CPU kernels, built as ONE C++ extension: compiled once per CPU at first use, then cached.
 
 The kernels live beside the Python code that calls them (serving/layers/paged_kernel.py: decode attention
-over the paged cache; serving/layers/fused_kernels.py: SiLU-and-multiply and RoPE in one pass each).
+over the paged cache; serving/layers/fused_kernels.py: SiLU-and-multiply, RoPE and RMSNorm in one pass
+each; serving/layers/greedy_kernel.py: greedy decoding's argmax and logprob).
 `load()` concatenates this module's HEADER (8-lane vector helpers, written with the GCC/Clang vector
 extensions: one AVX2 register, a NEON pair, half an AVX-512 register, the same code everywhere) with
 their sources and builds them with torch.utils.cpp_extension.load_inline: g++ -O3 -march=native, about
@@ -129,9 +130,9 @@ def _cpu_tag() -> str:
 
 
 def _sources() -> tuple[str, list[str]]:
-    from serving.layers import fused_kernels, paged_kernel
+    from serving.layers import fused_kernels, greedy_kernel, paged_kernel
 
-    parts = (paged_kernel, fused_kernels)
+    parts = (paged_kernel, fused_kernels, greedy_kernel)
     return HEADER + "".join(p.SOURCE for p in parts), [f for p in parts for f in p.FUNCTIONS]
 
 

@@ -7,9 +7,10 @@ more linear layers that read the same input (q/k/v, gate/up) as ONE such call ov
 of their weights, and returns each layer's output as a view of the one result.
 
 The parameters stay what they are (HF names and shapes, what weight pushes write and LoRA reads); the
-packed matrix is a derived copy. It follows the parameters: every call compares their identity and
-version counters (bumped by any in-place write) with those it was packed from and re-packs when they
-differ, so a stale packed weight can never be served. `CausalLM.after_weights_changed()` re-packs
+packed matrix is a derived copy. It follows the parameters: every call of a packed layer compares their
+identity and version counters (bumped by any in-place write) with those it was packed from and re-packs
+when they differ, so a stale packed weight can never be served (a layer on the plain path reads its
+modules themselves and skips that check: 13 us a call, 2% of a TinyStories step). `CausalLM.after_weights_changed()` re-packs
 eagerly, so the cost lands in the weight swap rather than in the first step after it.
 
 Where packing does not pay (or oneDNN cannot) the plain path runs: on CUDA, for fp16, for bf16 on a CPU
@@ -125,8 +126,8 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor):
         modules = self.modules()
-        if self._key != self._state(modules):
-            self.repack()
+        if self._key is None or (self.packed is not None and self._key != self._state(modules)):
+            self.repack()   # (the plain path reads the modules themselves: nothing of it can be stale)
         packed = self.packed
         if packed is None or (x.dtype == torch.float32 and x.shape[0] < 2) or x.dtype != packed.dtype:
             outs = [m(x) for m in modules]
