@@ -22,9 +22,8 @@ from serving.layers import cpu_extension
 
 SOURCE = r"""
 // tokens[b] = the first index of row b's maximum; logprobs[b] = -log(sum_j exp(x_bj - max_b)).
-// ok = false when some row holds a NaN, a +inf or only -inf (the caller falls back to torch).
-static void greedy_rows(const float* x, int64_t B, int64_t V, int64_t* tokens, float* logprobs, bool& ok) {
-  bool all_finite = true;
+// false when some row holds a NaN, a +inf or only -inf (the caller falls back to torch).
+static bool greedy_rows(const float* x, int64_t B, int64_t V, int64_t* tokens, float* logprobs) {
   for (int64_t b = 0; b < B; ++b) {
     const float* r = x + b * V;
     vf m = splat(-INFINITY);
@@ -39,7 +38,7 @@ static void greedy_rows(const float* x, int64_t B, int64_t V, int64_t* tokens, f
     bool any_nan = false;
     for (int j = 0; j < W; ++j) any_nan |= nan[j] != 0;
     for (; i < V; ++i) { mx = std::max(mx, r[i]); any_nan |= r[i] != r[i]; }
-    if (any_nan || !std::isfinite(mx)) { all_finite = false; break; }   // +inf maximum, or every entry -inf
+    if (any_nan || !std::isfinite(mx)) return false;   // +inf maximum, or every entry -inf
     int64_t first = -1;
     vf total{};
     for (i = 0; i + W <= V; i += W) {
@@ -57,7 +56,7 @@ static void greedy_rows(const float* x, int64_t B, int64_t V, int64_t* tokens, f
     tokens[b] = first;
     logprobs[b] = -std::log(sum);
   }
-  ok = all_finite;
+  return true;
 }
 
 std::vector<torch::Tensor> greedy_pick(torch::Tensor logits) {
@@ -67,9 +66,8 @@ std::vector<torch::Tensor> greedy_pick(torch::Tensor logits) {
   TORCH_CHECK(V > 0, "empty rows");
   auto tokens = torch::empty({B}, logits.options().dtype(torch::kInt64));
   auto logprobs = torch::empty({B}, logits.options());
-  bool ok = true;
-  greedy_rows(logits.data_ptr<float>(), B, V, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), ok);
-  if (!ok) return {};
+  if (!greedy_rows(logits.data_ptr<float>(), B, V, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>()))
+    return {};
   return {tokens, logprobs};
 }
 """

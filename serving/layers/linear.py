@@ -10,8 +10,9 @@ The parameters stay what they are (HF names and shapes, what weight pushes write
 packed matrix is a derived copy. It follows the parameters: every call of a packed layer compares their
 identity and version counters (bumped by any in-place write) with those it was packed from and re-packs
 when they differ, so a stale packed weight can never be served (a layer on the plain path reads its
-modules themselves and skips that check: 13 us a call, 2% of a TinyStories step). `CausalLM.after_weights_changed()` re-packs
-eagerly, so the cost lands in the weight swap rather than in the first step after it.
+modules themselves and skips that check: 13 us a call, 2% of a TinyStories step).
+`CausalLM.after_weights_changed()` re-packs eagerly, so the cost lands in the weight swap rather than in
+the first step after it.
 
 Where packing does not pay (or oneDNN cannot) the plain path runs: on CUDA, for fp16, for bf16 on a CPU
 without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, for a module that is not a plain
