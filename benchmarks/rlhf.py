@@ -15,10 +15,11 @@ measured 15-19 samples/s at ZeRO-0, 6.8-7.7 at ZeRO-3 and 22.4 with 2 processes 
 Modes: `local` generates with HF `generate` inside the learner (DS-Chat without its hybrid engine; the
 learner gets every core); `remote` rolls out on the generation server (a child process, 1 thread) while
 the learner (the other core) trains on the previous batch, and pushes the actor (fp32) after every
-iteration; the server generates the next batch while the learner makes its experience, so in `after` the
-learner's update takes every core (`update_threads`). Variants: `after` is today's defaults; `before`
-turns off this issue's levers (the actor's experience forward on fresh rollouts, bf16 frozen models,
-length-sorted chunks, the critic's values from its update forward, update_threads) to show what they buy.
+iteration; the server generates the next batch while the learner makes its experience and starts its
+update, so in `after` each update phase takes every core (`update_threads`) once the server is done.
+Variants: `after` is today's defaults; `before` turns off this issue's levers (the actor's experience forward
+on fresh rollouts, bf16 frozen models, length-sorted chunks, the actor's logprobs and the critic's values from
+their update forwards, update_threads) to show what they buy.
 
 Every run is its own child process (`--ranks` of them under the deepspeed launcher), the runs of one
 repeat interleaved. Throughput counts the iterations after the first (warm-up), from the end of iteration
@@ -48,7 +49,8 @@ DSCHAT = {"max_prompt_len": 128, "max_new_tokens": 128, "rollout_batch_size": 16
           "mini_batch_size": 16, "ppo_epochs": 1, "actor_learning_rate": 9.65e-6, "critic_learning_rate": 5e-6,
           "data_split": "0,0,1"}
 # the levers of issue 11, all off: what step 3 did before it
-BEFORE = {"reuse_rollout_logprobs": False, "frozen_dtype": "float32", "sort_chunk_rows": 0, "values_in_update": False}
+BEFORE = {"reuse_rollout_logprobs": False, "frozen_dtype": "float32", "sort_chunk_rows": 0, "values_in_update": False,
+          "logprobs_in_update": False}
 REFERENCE = {"deepspeed-chat": {0: "15-19", 3: "6.8-7.7", "2 ranks": "22.4"}, "trl 1.12": "10-11"}
 
 

@@ -190,9 +190,12 @@ class PPOConfig(CommonConfig):
     sort_chunk_rows: int = 4            # experience forwards in length-sorted chunks of this many rows (0: batch order)
     values_in_update: bool = True       # one PPO epoch over one minibatch: the critic's old values come from its
     #                                     update forward (before any weight moves, so exactly the same values)
+    logprobs_in_update: bool = True     # the same for the actor's old logprobs (raw ratios, a dropout-free actor):
+    #                                     no actor experience forward even for stale rollouts
     update_threads: int = 0             # torch threads of the actor/critic update (0: the process's own); a remote
-    #                                     learner sharing cores with its server can take them all here, since the
-    #                                     server generates the next batch during the experience forwards
+    #                                     learner sharing cores with its server can take them all here: each
+    #                                     update phase (actor forward, critic step, actor step) takes them only
+    #                                     once the server has finished generating the next batch
 
     def validate(self) -> PPOConfig:
         super().validate()

@@ -132,6 +132,15 @@ def apply_lora(model: nn.Module, opts: LoraOptions) -> nn.Module:
     return model
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether the model drops anything in train mode: a Dropout module with p > 0, or a dropout rate in its
+    config (HF attention passes config.attention_dropout to the attention kernel, no module)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(getattr(model, "config", None), "__dict__", {})
+    return any(isinstance(v, float) and v > 0 for k, v in config.items() if "dropout" in k or "pdrop" in k)
+
+
 def is_lora_layer(module: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 

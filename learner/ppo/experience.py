@@ -81,6 +81,13 @@ class ExperienceBatch:
     prompt_width: int = 1               # responses start at this column (P); 1 = unknown, score every position
     values_pending: bool = False        # values, rewards, advantages and returns are still to come from the
                                         # critic's update forward (PPOTrainer.values_in_update)
+    logprobs_pending: bool = False      # logprobs and ratio_logprobs (and so rewards, advantages and returns)
+                                        # still to come from the actor's update forward (PPOTrainer.logprobs_in_update)
+
+    @property
+    def pending(self) -> bool:
+        """Whether an update forward still has to fill in part of the batch (it is then its own one minibatch)."""
+        return self.values_pending or self.logprobs_pending
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -145,6 +145,7 @@ def run_ppo(config: PPOConfig, rollout_source: RolloutSource | None = None,
                                start_iteration=start)
         link.load_state_dict(rank_state.get("link", {}))
         rollout_source = link
+        trainer.server_busy = link.source.generating
     if "rng" in rank_state:
         ds.set_rng_state(rank_state["rng"])      # last: sampling goes on where the interrupted run was
     try:

@@ -16,12 +16,13 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from learner import ds
 from learner.config import PPOConfig, samples_per_prompt
+from learner.modeling import has_dropout
 from learner.ppo import advantages as adv
 from learner.ppo import math as pm
 from learner.ppo.ema import ActorEMA
@@ -64,6 +65,10 @@ class PPOTrainer:
         # (local rollouts; a server that gets every push exactly); None: no rollout is taken as fresh
         self.fresh_version: int | None = None
         self.last_fresh = 0.0
+        self.actor_dropout = has_dropout(ds.unwrap(actor))
+        # whether the server is generating for this learner right now (run_ppo sets it for remote rollouts):
+        # update phases then keep the process's threads, leaving config.update_threads for when it is idle
+        self.server_busy: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ experience
     def fresh_rows(self, rollouts: list[Rollout]) -> torch.Tensor:
@@ -97,7 +102,8 @@ class PPOTrainer:
         fresh = self.fresh_rows(rollouts).to(self.device)
         logprobs = behaviour.clone()                    # fresh rows (raw ratios): generate's are the old policy's
         ratio_logprobs = logprobs if self.processing is None else behaviour.clone()
-        stale = (~fresh).nonzero().squeeze(1)
+        logprobs_pending = self.logprobs_in_update(len(rollouts))
+        stale = (~fresh).nonzero().squeeze(1) if not logprobs_pending else torch.zeros(0, dtype=torch.long)
         if len(stale):                                  # veRL's use_rollout_log_probs: no actor forward when none
             sub = plan if len(stale) == len(rollouts) else self.chunk_plan(attn[stale], width)
             out = sub.run(sequence_logprobs, self.actor, ids[stale], attn[stale], width, processing=self.processing)
@@ -105,9 +111,9 @@ class PPOTrainer:
             logprobs[stale] = raw
             ratio_logprobs[stale] = ratio               # the same tensor as logprobs for raw ratios
         ref_logprobs = plan.run(sequence_logprobs, self.reference, ids, attn, width).float()
-        pending = self.values_in_update(len(rollouts))
+        values_pending = self.values_in_update(len(rollouts))
         values = (plan.run(sequence_values, self.critic, ids, attn, width).float()
-                  if self.critic is not None and not pending else torch.zeros_like(logprobs))
+                  if self.critic is not None and not values_pending else torch.zeros_like(logprobs))
         raw_score = plan.run(reward_scores, self.reward, ids, attn, width).float()
         self.last_fresh = float(fresh.float().mean())
         self.actor.train()
@@ -123,7 +129,7 @@ class PPOTrainer:
         if self.config.missing_eos_penalty > 0:   # the reward model never saw a response without its EOS
             unfinished = torch.tensor([r.finish_reason != "stop" for r in rollouts], device=score.device)
             score = score - self.config.missing_eos_penalty * unfinished.to(score.dtype)
-        if pending:                                     # filled in by train_on, from the critic's update forward
+        if values_pending or logprobs_pending:          # filled in by train_on, from the update forwards
             rewards = advantages = returns = torch.zeros_like(logprobs)
         else:
             rewards, advantages, returns = self.advantages(logprobs, ref_logprobs, values, score, mask)
@@ -132,22 +138,38 @@ class PPOTrainer:
             ratio_logprobs=ratio_logprobs * mask, ref_logprobs=ref_logprobs * mask, behaviour_logprobs=behaviour,
             values=values * mask, rewards=rewards, advantages=advantages, returns=returns, score=score,
             raw_score=raw_score, weight_versions=seq.weight_versions.to(self.device), prompt_width=width,
-            values_pending=pending)
+            values_pending=values_pending, logprobs_pending=logprobs_pending)
+
+    def one_pass(self, rows: int) -> bool:
+        """One PPO epoch over a batch that is one minibatch (DeepSpeed-Chat's step-3 setting): each model's update
+        forward then runs before any of its weights moves and sees every row, so it gives exactly the "old"
+        figures an experience forward would, one forward fewer."""
+        c = self.config
+        return self.critic is not None and c.algo == "ppo" and c.ppo_epochs == 1 and rows <= c.mini_batch_size
 
     def values_in_update(self, rows: int) -> bool:
-        """Whether the critic's old values can come from its update forward instead of an experience forward of
-        their own: one PPO epoch over a batch that is one minibatch, so that forward runs before any critic
-        weight moves and sees every row (DeepSpeed-Chat's step-3 setting); exact, and one forward fewer."""
-        c = self.config
-        return (c.values_in_update and self.critic is not None and c.algo == "ppo" and c.ppo_epochs == 1
-                and rows <= c.mini_batch_size)
+        """Whether the critic's old values come from its update forward (see one_pass)."""
+        return self.config.values_in_update and self.one_pass(rows)
 
-    def fill_values(self, mb: ExperienceBatch, values: torch.Tensor) -> None:
-        """A values_pending batch gets its old values (the critic's, detached) and what follows from them."""
-        old = values.detach().float() * mb.action_mask
-        mb.rewards, mb.advantages, mb.returns = self.advantages(mb.logprobs, mb.ref_logprobs, old, mb.score,
-                                                                mb.action_mask)
-        mb.values, mb.values_pending = old, False
+    def logprobs_in_update(self, rows: int) -> bool:
+        """Whether the actor's old logprobs come from its update forward (see one_pass), for stale rollouts too:
+        with raw ratios (processed ones need a second distribution) and an actor without dropout (the update
+        forward runs in train mode)."""
+        return (self.config.logprobs_in_update and self.processing is None and not self.actor_dropout
+                and self.one_pass(rows))
+
+    def fill_old(self, mb: ExperienceBatch, logprobs: torch.Tensor | None = None,
+                 values: torch.Tensor | None = None) -> None:
+        """A pending batch gets what an update forward gave (the actor's logprobs or the critic's values,
+        detached) and, once nothing is pending, the rewards, advantages and returns that follow."""
+        if logprobs is not None:
+            mb.logprobs = mb.ratio_logprobs = logprobs.detach().float() * mb.action_mask
+            mb.logprobs_pending = False
+        if values is not None:
+            mb.values, mb.values_pending = values.detach().float() * mb.action_mask, False
+        if not mb.pending:
+            mb.rewards, mb.advantages, mb.returns = self.advantages(mb.logprobs, mb.ref_logprobs, mb.values,
+                                                                    mb.score, mb.action_mask)
 
     def advantages(self, logprobs, ref_logprobs, values, score, mask):
         """(per-token rewards, advantages, returns) [B, T] by config.algo; see learner.ppo.advantages."""
@@ -185,9 +207,20 @@ class PPOTrainer:
                                                      cap=DEFAULT_CAP)
         return weights, stats.metrics()
 
-    def actor_step(self, mb: ExperienceBatch) -> dict[str, float]:
-        logprobs = ratio_logprobs = sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask, mb.prompt_width,
-                                                      self.processing)
+    def actor_logprobs(self, mb: ExperienceBatch):
+        """The actor's logprobs of the batch, with their graph (a pair with processing: see sequence_logprobs)."""
+        return sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask, mb.prompt_width, self.processing)
+
+    def actor_step(self, mb: ExperienceBatch, logprobs: torch.Tensor | None = None) -> dict[str, float]:
+        """One actor update on mb; `logprobs`: its forward's, already run (raw ratios)."""
+        if logprobs is None:
+            with self.update_threads():
+                logprobs = self.actor_logprobs(mb)
+        with self.update_threads():
+            return self._actor_update(mb, logprobs)
+
+    def _actor_update(self, mb: ExperienceBatch, logprobs) -> dict[str, float]:
+        ratio_logprobs = logprobs
         if self.processing is not None:
             logprobs, ratio_logprobs = logprobs
         weights, weight_stats = self.importance_weights(mb)
@@ -210,24 +243,36 @@ class PPOTrainer:
         return out
 
     def critic_step(self, mb: ExperienceBatch) -> dict[str, float]:
-        values = sequence_values(self.critic, mb.input_ids, mb.attention_mask)
-        if mb.values_pending:
-            self.fill_values(mb, values)
-        loss, stats = pm.value_loss(values, mb.values, mb.returns, mb.action_mask, self.config.cliprange_value)
-        self.critic.backward(loss)
-        self.critic.step()
+        with self.update_threads():
+            values = sequence_values(self.critic, mb.input_ids, mb.attention_mask)
+            if mb.values_pending:
+                self.fill_old(mb, values=values)
+            loss, stats = pm.value_loss(values, mb.values, mb.returns, mb.action_mask, self.config.cliprange_value)
+        with self.update_threads():
+            self.critic.backward(loss)
+            self.critic.step()
         return {"critic_loss": loss.item(), "value_clip_fraction": stats["value_clip_fraction"].item()}
+
+    def update_threads(self):
+        """The torch threads of one update phase (a forward, or a backward and step): config.update_threads,
+        unless the server is generating on the cores they would take (server_busy), chosen afresh each phase."""
+        return torch_threads(0 if self.server_busy() else self.config.update_threads)
 
     def train_on(self, exp: ExperienceBatch) -> dict[str, float]:
         """ppo_epochs passes over the batch, reshuffled into minibatches each pass; mean stats."""
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for _ in range(self.config.ppo_epochs):
-            # values_pending: the batch is its own one minibatch (order is immaterial), filled in place
-            batches = [exp] if exp.values_pending else exp.minibatches(self.config.mini_batch_size, self.generator)
+            # pending: the batch is its own one minibatch (order is immaterial), filled in place
+            batches = [exp] if exp.pending else exp.minibatches(self.config.mini_batch_size, self.generator)
             for mb in batches:
+                logprobs = None
+                if mb.logprobs_pending:     # the actor's forward first: its old logprobs enter the advantages
+                    with self.update_threads():
+                        logprobs = self.actor_logprobs(mb)
+                    self.fill_old(mb, logprobs=logprobs)
                 critic = self.critic_step(mb) if self.critic is not None else {}
-                for k, v in {**self.actor_step(mb), **critic}.items():
+                for k, v in {**self.actor_step(mb, logprobs), **critic}.items():
                     sums[k] += v
                 count += 1
         return {k: v / count for k, v in sums.items()}
@@ -237,8 +282,7 @@ class PPOTrainer:
         began = time.perf_counter()
         exp = self.make_experience(rollouts)
         made = time.perf_counter()
-        with torch_threads(self.config.update_threads):
-            stats = self.train_on(exp)
+        stats = self.train_on(exp)
         stats.update(experience_s=made - began, update_s=time.perf_counter() - made, fresh_fraction=self.last_fresh)
         kl = pm.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.action_mask)
         kl_mean = kl.mean().item()

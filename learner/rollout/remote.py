@@ -97,6 +97,10 @@ class RolloutJob:
     def matches(self, prompts: list[list[int]], params: SamplingParams, samples_per_prompt: int = 1) -> bool:
         return self.prompts == prompts and self.params == params and self.samples == samples_per_prompt
 
+    def done(self) -> bool:
+        """Whether the stream has ended (every sample in, or failed)."""
+        return not self._thread.is_alive()
+
     def cancel(self) -> None:
         self._call.cancel()
         self._thread.join(timeout=10)
@@ -178,6 +182,10 @@ class RemoteRolloutSource:
         self.cancel_prefetch()
         if self.max_staleness > 0 and prompts:
             self._pending = self._start(prompts, params, samples_per_prompt)
+
+    def generating(self) -> bool:
+        """Whether the server is still generating the prefetched batch."""
+        return self._pending is not None and not self._pending.done()
 
     def cancel_prefetch(self) -> None:
         if self._pending is not None:

@@ -350,37 +350,79 @@ def test_the_fast_experience_equals_the_full_one(run_dir):
     assert (half.raw_score - full.raw_score).abs().max() < 0.05 * full.raw_score.abs().max() + 1e-3
 
 
-def test_values_from_the_critics_update_forward_train_exactly_as_an_experience_forward(run_dir):
-    """One PPO epoch over one minibatch (DeepSpeed-Chat's setting): the critic's old values come from its update
-    forward, one forward fewer; the values, advantages and the updated actor and critic are those of the plain
-    path (float rounding apart)."""
+@pytest.mark.parametrize("fused_fields", [("values_in_update",), ("logprobs_in_update",),
+                                          ("values_in_update", "logprobs_in_update")])
+def test_old_figures_from_the_update_forwards_train_exactly_as_experience_forwards(run_dir, fused_fields):
+    """One PPO epoch over one minibatch (DeepSpeed-Chat's setting): the critic's old values and the actor's old
+    logprobs come from their update forwards, one forward fewer each; the values, logprobs, advantages and the
+    updated actor and critic are those of the plain path (float rounding apart)."""
     plain_config = _config(run_dir, ppo_epochs=1, mini_batch_size=8, values_in_update=False,
-                           deepspeed=DeepSpeedOptions(zero_stage=0))
+                           logprobs_in_update=False, deepspeed=DeepSpeedOptions(zero_stage=0))
+    fused_config = dataclasses.replace(plain_config, **{f: True for f in fused_fields})
+    fused_values, fused_logprobs = "values_in_update" in fused_fields, "logprobs_in_update" in fused_fields
     runs = {}
-    for name, config in (("plain", plain_config), ("fused", dataclasses.replace(plain_config, values_in_update=True))):
+    for name, config in (("plain", plain_config), ("fused", fused_config)):
         models = load_models(config)
         tok = models.tokenizer
         prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES, THINGS)] + [[1, 4, 5]]
         rollouts = LocalRolloutSource(models.actor, tok).generate(prompts, SamplingParams(max_new_tokens=12, seed=3))
         trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
-        calls = []
-        hook = ds_unwrap(models.critic).register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        calls = {"critic": [], "actor": []}
+        hooks = [ds_unwrap(getattr(models, m)).register_forward_hook(lambda *a, c=c: c.append(1))
+                 for m, c in calls.items()]
         try:
             exp = trainer.make_experience(rollouts)
-            experience_calls = len(calls)
-            assert exp.values_pending == (name == "fused")
+            experience_calls = {m: len(c) for m, c in calls.items()}
+            assert exp.values_pending == (name == "fused" and fused_values)
+            assert exp.logprobs_pending == (name == "fused" and fused_logprobs)
             stats = trainer.train_on(exp)
         finally:
-            hook.remove()
-        assert (experience_calls == 0) == (name == "fused")     # no critic forward of the experience's own
-        assert len(calls) - experience_calls == 1                # the update's
-        assert not exp.values_pending and exp.returns.abs().sum() > 0
+            for hook in hooks:
+                hook.remove()
+        # no experience forward of their own where fused; one update forward each
+        assert (experience_calls["critic"] == 0) == (name == "fused" and fused_values)
+        assert (experience_calls["actor"] == 0) == (name == "fused" and fused_logprobs)
+        assert {m: len(c) - experience_calls[m] for m, c in calls.items()} == {"critic": 1, "actor": 1}
+        assert not exp.pending and exp.returns.abs().sum() > 0 and exp.logprobs.abs().sum() > 0
+        if name == "fused" and fused_logprobs:      # an actor that drops out in train mode keeps its own forward
+            ds_unwrap(models.actor).config.attention_dropout = 0.1
+            dropping = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
+            assert not dropping.logprobs_in_update(len(rollouts)) and trainer.logprobs_in_update(len(rollouts))
+            ds_unwrap(models.actor).config.attention_dropout = 0.0
         runs[name] = (exp, stats, {k: v.detach().clone() for k, v in ds_unwrap(models.critic).state_dict().items()},
                       {k: v.detach().clone() for k, v in ds_unwrap(models.actor).state_dict().items()})
     (plain, plain_stats, plain_critic, plain_actor), (fused, fused_stats, fused_critic, fused_actor) = runs.values()
-    for name in ("values", "rewards", "advantages", "returns"):
+    for name in ("values", "logprobs", "ratio_logprobs", "rewards", "advantages", "returns"):
         torch.testing.assert_close(getattr(fused, name), getattr(plain, name), atol=1e-5, rtol=0, msg=name)
     assert fused_stats["critic_loss"] == pytest.approx(plain_stats["critic_loss"], rel=1e-4)
     for weights_f, weights_p in ((fused_critic, plain_critic), (fused_actor, plain_actor)):
         for key in weights_p:
             torch.testing.assert_close(weights_f[key], weights_p[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_update_phases_take_update_threads_only_while_the_server_is_idle(run_dir):
+    """update_threads is for a learner sharing cores with its server: each update phase (a forward, or a backward
+    and step) takes them only when the server is not generating for it at the phase's start."""
+    config = _config(run_dir, ppo_epochs=1, mini_batch_size=8, update_threads=2,
+                     deepspeed=DeepSpeedOptions(zero_stage=0))
+    models = load_models(config)
+    tok = models.tokenizer
+    prompts = [tok(f"Once upon a time, {n} had a {t}.").input_ids for n, t in zip(NAMES, THINGS)]
+    rollouts = LocalRolloutSource(models.actor, tok).generate(prompts, SamplingParams(max_new_tokens=8, seed=3))
+    trainer = PPOTrainer(config, models.actor, models.critic, models.reference, models.reward, tok.pad_token_id)
+    seen = []
+    hooks = [ds_unwrap(m).register_forward_hook(lambda *a, name=name: seen.append((name, torch.get_num_threads())))
+             for name, m in (("actor", models.actor), ("critic", models.critic))]
+    busy = iter([True, False, False, False])        # actor forward, critic forward, its backward, actor update
+    trainer.server_busy = lambda: next(busy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        trainer.train_on(trainer.make_experience(rollouts))
+        assert torch.get_num_threads() == 1         # restored after each phase
+    finally:
+        torch.set_num_threads(before)
+        for hook in hooks:
+            hook.remove()
+    assert seen == [("actor", 1), ("critic", 2)]
+    assert next(busy, "spent") == "spent"           # asked once per phase
