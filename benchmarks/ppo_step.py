@@ -7,7 +7,8 @@ TinyStories tokens plus 128 response tokens, one minibatch of 16, TinyStories-65
 critic and reward. The same rollouts go through trainers that differ in one lever at a time, interleaved
 (every repeat runs every variant once), so a busy machine slows them alike: `before` has all of issue 11's
 levers off, each `+lever` turns one on, `after` is today's defaults. Rollouts count as fresh (made by the
-weights being trained, as local rollouts are), so `+reuse` skips the actor's experience forward.
+weights being trained, as local rollouts are), so `+reuse` skips the actor's experience forward; `+logprobs in
+update` skips it for any rollout, fresh or stale (a server's, one push behind), taking them from the update's.
 Prints the median experience and update seconds per variant and the ratio to `before`.
 """
 
@@ -23,7 +24,8 @@ import sys
 from benchmarks.rlhf import BEFORE, HH_RLHF, TINYSTORIES
 
 VARIANTS = {"before": {}, "+reuse": {"reuse_rollout_logprobs": True}, "+bf16 frozen": {"frozen_dtype": "bfloat16"},
-            "+sorted chunks": {"sort_chunk_rows": 4}, "+values in update": {"values_in_update": True}, "after": None}
+            "+sorted chunks": {"sort_chunk_rows": 4}, "+values in update": {"values_in_update": True},
+            "+logprobs in update": {"logprobs_in_update": True}, "after": None}
 
 
 def hh_prompts(tokenizer, n: int, max_len: int) -> list[list[int]]:

@@ -122,7 +122,7 @@ def base_config(args, work: Path) -> dict:
     from learner.jobs.pipeline import PPO_DEFAULTS
 
     return {**PPO_DEFAULTS, "actor_model": str(run / "sft"), "critic_model": str(run / "reward"),
-            "reward_model": str(run / "reward"), "tokenizer": str(run / "sft"), "data": []}
+            "reward_model": str(run / "reward"), "tokenizer": str(run / "sft"), "data": ["embedded"]}
 
 
 def prepare(run: Path, seed: int) -> None:
@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     write_private(token_file, secrets.token_hex(16))
     server = None
     if "remote" in modes:
+        context = ["--max-model-len", "512"] if args.setting == "dschat" else []   # the embedded model has 128
         server = start_server(["--model", base["actor_model"], "--port", "0", "--push-token-file", str(token_file),
-                               "--max-model-len", "512"], env=child_env(OMP_NUM_THREADS="1"),
+                               *context], env=child_env(OMP_NUM_THREADS="1"),
                               log_file=work / "server.log")
     results: dict[tuple, list[dict]] = {}
     try:

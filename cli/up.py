@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--push-quantize", default="none", choices=("none", "bfloat16", "int8", "int4"),
                    help="weight encoding on the wire (default: %(default)s, exact fp32)")
     p.add_argument("--learner-threads", type=int, default=1, metavar="N", help="torch threads per learner rank")
+    p.add_argument("--update-threads", type=int, default=0, metavar="N",
+                   help="threads of each rank's update once the server has generated the next batch "
+                        "(default: cores / ranks)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--set", action="append", default=[], metavar="STEP.FIELD=VALUE",
                    help="override a step's config field, e.g. --set ppo.kl_coef=0.02 (value parsed as JSON)")
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                           zero_stage=args.zero_stage, iterations=args.iterations, algo=args.algo,
                           max_staleness=args.max_staleness,
                           push_quantize=args.push_quantize, summary=args.summary, learner_threads=args.learner_threads,
+                          update_threads=args.update_threads,
                           overrides=parse_overrides(args.set)).validate()
     except ConfigError as err:
         args.parser.error(f"{'--' + err.field.replace('_', '-')}: {err.message}")   # exits 2

@@ -109,12 +109,20 @@ def test_ctrl_c_stops_the_learner_and_the_server(tmp_path):
     ("ranks", UpConfig(ranks=0)), ("max_staleness", UpConfig(max_staleness=-1)),
     ("push_quantize", UpConfig(push_quantize="int3")), ("model", UpConfig(model="/no/such/folder")),
     ("overrides", UpConfig(overrides={"rlhf": {}})), ("zero_stage", UpConfig(zero_stage=5)),
-    ("algo", UpConfig(algo="dpo")),
+    ("algo", UpConfig(algo="dpo")), ("update_threads", UpConfig(update_threads=-1)),
 ])
 def test_bad_up_options_name_the_field(field, config):
     with pytest.raises(ConfigError) as info:
         config.validate()
     assert info.value.field == field
+
+
+def test_placement_gives_each_ranks_update_the_cores_the_server_leaves_idle(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    threads, line = UpConfig(ranks=2).validate().placement()
+    assert threads == 4 and "placement on 8 cores: server 1 thread(s)" in line and "4 for the update" in line
+    assert UpConfig(ranks=16).placement()[0] == 1                    # never below the learner's own threads
+    assert UpConfig(update_threads=3).placement()[0] == 3            # an explicit choice stands
 
 
 def test_set_overrides_parse_json_values_and_refuse_bad_syntax():
@@ -157,6 +165,8 @@ def test_tandem_up_runs_the_learner_as_two_zero3_ranks_beside_the_server(tmp_pat
                                      str(summary_file)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "tandem up: learner: 2 ZeRO-3 ranks under the deepspeed launcher" in done.stdout
+    assert re.search(r"tandem up: placement on \d+ cores: server 1 thread\(s\); learner 1 thread\(s\) per rank",
+                     done.stdout)
     assert "\n  learner: 2 ZeRO-3 ranks under the deepspeed launcher\n" in done.stdout   # and both ranks reported
     s = json.loads(summary_file.read_text())
     assert s["ranks"] == 2 and s["zero_stage"] == 3 and s["launcher"] == "deepspeed"

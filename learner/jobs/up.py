@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -57,6 +58,8 @@ class UpConfig:
     overrides: dict = field(default_factory=dict)   # {"sft"|"reward"|"ppo": {field: value}}
     server_threads: int = 1          # torch threads of the server process
     learner_threads: int = 1         # torch threads of each learner rank (2 cores: 1 + 1 beats contention)
+    update_threads: int = 0          # threads of each rank's update phases once the server has finished the next
+    #                                  batch (learner.config.PPOConfig.update_threads); 0: this machine's cores / ranks
     start_timeout_s: float = 300.0
 
     def validate(self) -> UpConfig:
@@ -84,7 +87,20 @@ class UpConfig:
         for name in ("server_threads", "learner_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.update_threads < 0:
+            raise ConfigError("update_threads", f"must be >= 0 (0: the cores / ranks), got {self.update_threads}")
         return self
+
+    def placement(self) -> tuple[int, str]:
+        """Each rank's update threads, and the line that says where everything runs. Server and learner share
+        this machine's cores: the server generates the next batch while the learner makes its experience and
+        starts its update, then idles, so the update phases that start after it is done take its cores too."""
+        cores = os.cpu_count() or 1
+        update = self.update_threads or max(self.learner_threads, cores // self.ranks)
+        per_rank = "per rank " if self.ranks > 1 else ""
+        return update, (f"placement on {cores} cores: server {self.server_threads} thread(s); learner "
+                        f"{self.learner_threads} thread(s) {per_rank}while the server generates, {update} for the "
+                        f"update phases that start once it is done")
 
 
 def start_server(model: str, run_dir: Path, token_file: Path, threads: int, timeout: float,
@@ -128,6 +144,7 @@ def run_up(config: UpConfig) -> dict:
             "max_staleness": config.max_staleness, "encoding": PUSH_ENCODINGS[config.push_quantize],
             "deepspeed": {"zero_stage": zero_stage, "num_ranks": config.ranks},
             "overrides": config.overrides, "threads": config.learner_threads}
+    spec["update_threads"], placement = config.placement()
     step_configs({**spec, "server": "127.0.0.1:1"})     # a bad --set or --data fails here, before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -152,6 +169,7 @@ def run_up(config: UpConfig) -> dict:
         print(f"tandem up: OpenAI-compatible API on http://{host}:{http_port}/v1, metrics on "
               f"http://{host}:{http_port}/metrics", flush=True)
         print(f"tandem up: {learner_line(config.ranks, zero_stage)}", flush=True)
+        print(f"tandem up: {placement}", flush=True)
         if not has_gold_judge(config.data or ["embedded"]):
             print(f"tandem up: {NO_GOLD}", flush=True)
         spec["server"] = server.address

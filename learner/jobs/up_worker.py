@@ -86,7 +86,7 @@ def step_configs(spec: dict[str, Any]) -> tuple[SFTConfig, RewardConfig, PPOConf
         "actor_model": str(run_dir / "sft"), "critic_model": str(run_dir / "reward"),
         "reward_model": str(run_dir / "reward"), "tokenizer": model, "rollout": "remote", "server": spec["server"],
         "max_staleness": spec.get("max_staleness", 1), "push_weights": True, "push_token_file": spec["token_file"],
-        "push_quantize": spec.get("encoding", "float32"),
+        "push_quantize": spec.get("encoding", "float32"), "update_threads": spec.get("update_threads", 0),
         **({"iterations": spec["iterations"]} if spec.get("iterations") else {})})
     for data in {d for step in (sft, reward, ppo) for d in step.data}:
         parse_spec(data)                # a dataset path that is not there: ConfigError("data")
