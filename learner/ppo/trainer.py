@@ -208,14 +208,15 @@ class PPOTrainer:
         return weights, stats.metrics()
 
     def actor_logprobs(self, mb: ExperienceBatch):
-        """The actor's logprobs of the batch, with their graph (a pair with processing: see sequence_logprobs)."""
-        return sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask, mb.prompt_width, self.processing)
+        """The actor's logprobs of the batch, with their graph (a pair with processing: see sequence_logprobs);
+        one update phase."""
+        with self.update_threads():
+            return sequence_logprobs(self.actor, mb.input_ids, mb.attention_mask, mb.prompt_width, self.processing)
 
     def actor_step(self, mb: ExperienceBatch, logprobs: torch.Tensor | None = None) -> dict[str, float]:
         """One actor update on mb; `logprobs`: its forward's, already run (raw ratios)."""
         if logprobs is None:
-            with self.update_threads():
-                logprobs = self.actor_logprobs(mb)
+            logprobs = self.actor_logprobs(mb)
         with self.update_threads():
             return self._actor_update(mb, logprobs)
 
@@ -268,8 +269,7 @@ class PPOTrainer:
             for mb in batches:
                 logprobs = None
                 if mb.logprobs_pending:     # the actor's forward first: its old logprobs enter the advantages
-                    with self.update_threads():
-                        logprobs = self.actor_logprobs(mb)
+                    logprobs = self.actor_logprobs(mb)
                     self.fill_old(mb, logprobs=logprobs)
                 critic = self.critic_step(mb) if self.critic is not None else {}
                 for k, v in {**self.actor_step(mb, logprobs), **critic}.items():

@@ -11,7 +11,7 @@ attention itself. Against a kernel that walked the rows once per query head (8 p
 this reads each row once per 8 heads and streams it: batch 64, D=64, out of cache, 2.3x.
 fp32 and bf16 (scores and sums are fp32; bf16 values are widened as they are read, and on a CPU with
 AVX512-BF16 the key rows are not: VDPBF16PS multiplies bf16 pairs exactly into fp32, which made the bf16
-kernel 1.36x faster at batch 64, D=64, and the 32M Llama's bf16 workload 1242 -> 1600 tok/s on 1 thread;
+kernel 1.36x faster at batch 64, D=64, and the 32M Llama's bf16 workload 1242 -> 1585-1617 tok/s on 1 thread;
 the same tests run whichever path the CPU builds); head sizes that are multiples
 of 16 up to 128 (TinyStories' 16 included). Elsewhere (no compiler, CUDA, another head size,
 TANDEM_PAGED_KERNEL=0) `available()` is False and attention.py keeps its pure-PyTorch path.
@@ -43,16 +43,23 @@ static inline __m256bh load_bh(const c10::BFloat16* p) {
 static inline vf dot_bh(vf acc, __m256bh a, __m256bh b) { return (vf)_mm256_dpbf16_ps((__m256)acc, a, b); }
 #endif
 
+// Row t + PREFETCH_ROWS of `cache` (if there is one) on its way into cache, every line of it.
+template <typename T>
+static inline void prefetch_ahead(const T* cache, const std::vector<int64_t>& rows, int64_t t, int64_t L,
+                                  int64_t row_len) {
+  constexpr int64_t LINE = 64 / sizeof(T);
+  if (t + PREFETCH_ROWS < L)
+    for (int64_t c = 0; c < row_len; c += LINE) __builtin_prefetch(cache + rows[t + PREFETCH_ROWS] + c);
+}
+
 // Walk the cached key rows in order (prefetching ahead): the W heads' scores `dot(g, row)` of each, times
 // `post`, token-major into s; returns their maxima.
 template <typename T, typename Dot>
 static vf score_rows(const T* kc, const std::vector<int64_t>& rows, int64_t L, const int64_t* off, float post,
                      float* s, int64_t row_len, Dot dot) {
-  constexpr int64_t LINE = 64 / sizeof(T);
   vf m = splat(-3.0e38f);
   for (int64_t t = 0; t < L; ++t) {
-    if (t + PREFETCH_ROWS < L)
-      for (int64_t c = 0; c < row_len; c += LINE) __builtin_prefetch(kc + rows[t + PREFETCH_ROWS] + c);
+    prefetch_ahead(kc, rows, t, L, row_len);
     const T* row = kc + rows[t];
     vf prod[W];
     for (int g = 0; g < W; ++g) prod[g] = dot(g, row + off[g]);
@@ -98,7 +105,6 @@ static void decode_one(const T* q, const T* kc, const T* vc, const int64_t* tabl
                        std::vector<int64_t>& rows, std::vector<float>& scores) {
   constexpr int NV = NV16 * 16 / W;
   constexpr int64_t D = NV * W;
-  constexpr int64_t LINE = 64 / sizeof(T);
   const int64_t G = H / Hkv, row_len = Hkv * D;
   rows.resize(L);
   scores.resize(L * W);
@@ -106,10 +112,6 @@ static void decode_one(const T* q, const T* kc, const T* vc, const int64_t* tabl
     const int64_t base = table[blk] * block_stride, n = std::min(bs, L - t0);
     for (int64_t j = 0; j < n; ++j) rows[t0 + j] = base + j * token_stride;
   }
-  auto prefetch = [&](const T* cache, int64_t t) {
-    if (t < L)
-      for (int64_t c = 0; c < row_len; c += LINE) __builtin_prefetch(cache + rows[t] + c);
-  };
   float* s = scores.data();
   for (int64_t h0 = 0; h0 < H; h0 += W) {
     const int nh = static_cast<int>(std::min<int64_t>(W, H - h0));   // a last group of fewer heads: zero lanes
@@ -127,7 +129,7 @@ static void decode_one(const T* q, const T* kc, const T* vc, const int64_t* tabl
     for (int g = 0; g < W; ++g)
       for (int v = 0; v < NV; ++v) acc[g][v] = vf{};
     for (int64_t t = 0; t < L; ++t) {
-      prefetch(vc, t + PREFETCH_ROWS);
+      prefetch_ahead(vc, rows, t, L, row_len);
       const T* row = vc + rows[t];
       for (int g = 0; g < nh; ++g) {
         const vf p = splat(s[t * W + g]);
