@@ -22,8 +22,9 @@ lookups are not counted), over the wall time, against a packed oneDNN linear of 
 shape ([512 x 512] . [512 x 1408]) timed in this process, same dtype and threads, after every repeat.
 (d) with --clients N, every repeat also serves the same requests to N concurrent streaming gRPC clients
 of a real server (a fresh one per repeat, interleaved with the offline runs; the clients in a process of
-their own, benchmarks/stream_clients.py, so they do not share the server's interpreter lock): tokens/s as
-a share of the offline engine's, and p50/p95 time-to-first-token and inter-token latency. Then (c) the SplitFuse
+their own, benchmarks/stream_clients.py, so they do not share the server's interpreter lock; the server
+binds its engine thread as `tandem serve` does, --cpu-bind auto, and the clients share the front's cores):
+tokens/s as a share of the offline engine's, and p50/p95 time-to-first-token and inter-token latency. Then (c) the SplitFuse
 ablation (fused passes against separate prefill and decode passes).
 """
 
@@ -161,9 +162,13 @@ def run_engine(engine, requests: list[Request]) -> tuple[float, int]:
     return time.perf_counter() - start, useful
 
 
-def latency(path: Path, requests: list[Request], clients: int, token_budget: int, dtype: str = "float32") -> dict:
+def latency(path: Path, requests: list[Request], clients: int, token_budget: int, dtype: str = "float32",
+            cpu_bind: str = "auto") -> dict:
     """TTFT and ITL percentiles of `clients` concurrent streaming gRPC clients on a real server; the
-    clients run in a process of their own (benchmarks/stream_clients.py), as real clients do."""
+    clients run in a process of their own (benchmarks/stream_clients.py), as real clients do. With
+    `cpu_bind` (serving.placement, as `tandem serve` does by default) the server binds its engine thread
+    to cores of its own; the clients' process is started from a front thread and so inherits the
+    front's cores, as clients on other machines would leave the engine's core alone."""
     import json
 
     from serving.engine.config import EngineConfig
@@ -172,7 +177,7 @@ def latency(path: Path, requests: list[Request], clients: int, token_budget: int
     tok = path if (path / "tokenizer_config.json").exists() else None
     cfg = EngineConfig(model=str(path), tokenizer=str(tok) if tok else None, dtype=dtype, device="cpu",
                        token_budget=token_budget, enable_prefix_caching=False)   # as the offline engine
-    server = start_server(cfg, host="127.0.0.1", port=0)
+    server = start_server(cfg, host="127.0.0.1", port=0, cpu_bind=cpu_bind)
     try:
         with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
             json.dump([{"prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens} for r in requests], f)
@@ -226,7 +231,7 @@ def bench_model(name: str, path: Path, args) -> None:
             base.append(useful / secs)
             line += f"   fast paths off {base[-1]:8.1f} tok/s"
         if args.clients:
-            lats.append(latency(path, requests, args.clients, args.token_budget, args.dtype))
+            lats.append(latency(path, requests, args.clients, args.token_budget, args.dtype, args.cpu_bind))
             line += f"   gRPC x{args.clients} {lats[-1]['tokens_per_s']:8.1f} tok/s"
         if peer:
             tok_s = run_vllm(path, args)
@@ -257,7 +262,8 @@ def bench_model(name: str, path: Path, args) -> None:
         ablation(path, requests, args)
     if lats:
         m = {key: statistics.median(lat[key] for lat in lats) for key in lats[0]}
-        print(f"  {args.clients} streaming gRPC clients (medians of {len(lats)}, interleaved with the offline runs): "
+        print(f"  {args.clients} streaming gRPC clients (--cpu-bind {args.cpu_bind}; medians of {len(lats)}, "
+              f"interleaved with the offline runs): "
               f"{m['tokens_per_s']:.1f} tok/s = {100 * m['tokens_per_s'] / med:.0f}% of offline; "
               f"TTFT p50 {m['ttft_p50_ms']:.1f} ms p95 {m['ttft_p95_ms']:.1f} ms, "
               f"ITL p50 {m['itl_p50_ms']:.1f} ms p95 {m['itl_p95_ms']:.1f} ms")
@@ -295,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the SplitFuse ablation")
     parser.add_argument("--token-budget", type=int, default=512)
     parser.add_argument("--clients", type=int, default=16, help="0 skips the latency run")
+    parser.add_argument("--cpu-bind", default="auto", help="the gRPC server's --cpu-bind (auto, off, CORES)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core box, 2 threads made both contenders ~10x slower)")
     parser.add_argument("--seed", type=int, default=0)

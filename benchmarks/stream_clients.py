@@ -4,7 +4,9 @@
 
 FILE holds `[{"prompt_ids": [...], "max_new_tokens": K}, ...]`; client i sends requests i, i+N, i+2N, ...
 one after another, greedy with EOS ignored. Prints one JSON line: tokens/s over the wall time from the
-first request to the last token, and TTFT and inter-token latency p50/p95 in ms.
+first request to the last token, and TTFT and inter-token latency p50/p95 in ms. Every client connects
+(and sees the server SERVING) before the clock starts, and all start together: the figure is the
+server's, not that of 64 channels being set up.
 
 The clients run in a process of their own, as real clients do: in the server's process their threads
 would share its interpreter lock with the engine and the gRPC handlers and charge their own protobuf
@@ -29,9 +31,12 @@ def run_clients(address: str, requests: list[dict], clients: int) -> dict:
 
     ttft, itl = [], []
     lock = threading.Lock()
+    go = threading.Barrier(clients + 1)
 
     def worker(share: list[dict]) -> None:
         with TandemClient(address) as client:
+            client.wait_ready()
+            go.wait()
             for r in share:
                 t0 = time.perf_counter()
                 last = None
@@ -48,9 +53,10 @@ def run_clients(address: str, requests: list[dict], clients: int) -> dict:
                     last = now
 
     threads = [threading.Thread(target=worker, args=(requests[i::clients],)) for i in range(clients)]
-    start = time.perf_counter()
     for t in threads:
         t.start()
+    go.wait()
+    start = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start

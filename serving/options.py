@@ -21,6 +21,7 @@ OPTIONS = {
     "swap_timeout_s": "--swap-timeout", **limits.OPTIONS,
     "tls_cert": "--tls-cert", "tls_key": "--tls-key", "tls_client_ca": "--tls-client-ca",
     "http_port": "--http-port", "api_key_file": "--api-key-file", "metrics_port": "--metrics-port",
+    "cpu_bind": "--cpu-bind",
 }
 
 DESCRIPTION = ("Load a local HF checkpoint and serve Generate/GenerateStream over gRPC. --port 0 picks a "
@@ -57,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=None, metavar="P",
                    help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                         "/v1/models, /health, /metrics) on this port; 0 picks a free one (default: off)")
+    p.add_argument("--cpu-bind", default="auto", metavar="auto|off|CORES",
+                   help="CPU engines: run the engine thread on cores of its own and the gRPC/HTTP front on the "
+                        "rest. auto: the first N cores when the engine's N torch threads leave one free; CORES: "
+                        "the engine's cores, e.g. 0-3 (default: %(default)s; auto is off with --tp or --replicas)")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="the HTTP front's API key: /v1/* then needs `Authorization: Bearer KEY`")
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                  push_token_file=args.push_token_file, swap_timeout_s=args.swap_timeout,
                                  limits=limits.from_args(args), http_port=args.http_port,
                                  api_key_file=args.api_key_file, metrics_port=args.metrics_port,
-                                 tls=tls_config(args))
+                                 tls=tls_config(args), cpu_bind=args.cpu_bind)
     try:
         config.validate()
         server_config.validate()
@@ -129,6 +134,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if (args.replicas > 1 or args.tp > 1) and (args.http_port is not None or args.metrics_port is not None):
             raise ConfigError("http_port" if args.http_port is not None else "metrics_port",
                               "the HTTP front and /metrics need --tp 1 --replicas 1 (for now)")
+        if args.replicas > 1 or args.tp > 1:
+            if server_config.cpu_bind not in ("auto", "off"):
+                raise ConfigError("cpu_bind", "a core list needs --tp 1 --replicas 1 (ranks and replicas would share it)")
+            server_config.cpu_bind = "off"
         if args.replicas > 1:
             from serving.fleet.replicas import serve_replicas
 

@@ -16,6 +16,9 @@ A slow reader costs bounded memory: a RequestStream keeps at most one unread out
 the newer output into the unread one (deltas concatenated, totals from the newer), so however far behind
 its client is, a stream holds one entry per prompt and the engine never waits for it.
 
+An optional `on_start()` runs first thing on the engine thread (serving.placement binds it to its cores
+there); if it raises, the loop is dead before its first step.
+
 An optional `observer` (serving.metrics.EngineMetrics fits) is told, on the engine thread, of every
 request added (`on_added(request_id, arrival)`), every step (`on_step(engine, outputs, started)`) and every
 abort (`on_aborted(request_id)`); it must be quick and must not raise.
@@ -127,8 +130,10 @@ class RequestStream:
 class EngineLoop:
     """Owns an LLMEngine on a background thread; every public method is thread-safe."""
 
-    def __init__(self, engine, on_death: Callable[[BaseException], None] | None = None, gate=None, observer=None):
+    def __init__(self, engine, on_death: Callable[[BaseException], None] | None = None, gate=None, observer=None,
+                 on_start: Callable[[], None] | None = None):
         self.engine = engine
+        self._on_start = on_start
         self.observer = observer
         self.error: BaseException | None = None
         self._on_death = on_death
@@ -193,6 +198,8 @@ class EngineLoop:
     def _run(self) -> None:
         busy = False
         try:
+            if self._on_start is not None:
+                self._on_start()
             while True:
                 with self._cond:
                     while not self._commands and not busy and not self._stopping:

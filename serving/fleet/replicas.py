@@ -33,7 +33,7 @@ def replica_options(engine: EngineConfig, tp: int = 1, push_token_file: str | No
     """The server options of one replica of `engine` (127.0.0.1, a free port); `server_options` (limits,
     swap timeout: serving.options.server_argv) are passed on as they are."""
     options = [*engine_argv(engine), "--host", "127.0.0.1", "--port", "0", "--grace-period", str(grace_s),
-               *server_options]
+               "--cpu-bind", "off", *server_options]    # replicas share the machine's cores: none binds them alone
     if push_token_file:
         options += ["--push-token-file", push_token_file]
     if tp > 1:

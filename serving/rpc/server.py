@@ -27,6 +27,7 @@ from common.errors import ConfigError, InvalidRequest
 from protos import tandem_pb2, tandem_pb2_grpc
 from protos.auth import ServerTLS, add_port
 from protos.names import SERVICE_NAME, reflected_services
+from serving import placement
 from serving.engine.config import EngineConfig
 from serving.engine.loop import EngineDead, EngineLoop, RequestStream
 from serving.limits import Admission, RequestLimits, ServerFull
@@ -58,6 +59,9 @@ class ServerConfig:
     api_key_file: str | None = None   # the HTTP front's API key (Authorization: Bearer KEY); None = open
     metrics_port: int | None = None   # a standalone Prometheus /metrics when the HTTP front is off (0: a free port)
     tls: ServerTLS = field(default_factory=ServerTLS)   # gRPC over TLS (optionally mutual); off: plaintext
+    cpu_bind: str = "off"             # CPU engines: "auto", "off" or the engine thread's cores ("0-3"): see
+    #                                   serving.placement. Off here, since an in-process server would move its
+    #                                   caller's threads; `tandem serve` defaults to auto (the process is its own)
 
     def validate(self) -> ServerConfig:
         if not self.host:
@@ -72,6 +76,7 @@ class ServerConfig:
             raise ConfigError("swap_timeout_s", f"must be >= 0, got {self.swap_timeout_s}")
         self.limits.validate()
         self.tls.validate()
+        placement.check(self.cpu_bind)
         if self.metrics_port is not None and not 0 <= int(self.metrics_port) <= 65535:
             raise ConfigError("metrics_port", f"must be in [0, 65535], got {self.metrics_port}")
         if self.http_port is not None or self.api_key_file is not None:
@@ -221,7 +226,9 @@ class GenerationServer:
         self.port = 0
         gate = getattr(push_handler, "swapper", None)
         self.metrics = EngineMetrics(Path(model_name).name or model_name)   # labelled as the HTTP front names it
-        self.loop = EngineLoop(engine, on_death=self._on_engine_death, gate=gate, observer=self.metrics)
+        self.binding = self._binding(engine)
+        self.loop = EngineLoop(engine, on_death=self._on_engine_death, gate=gate, observer=self.metrics,
+                               on_start=self.binding.bind_engine if self.binding else None)
         self.metrics.attach(self.loop)
         self.http = None             # serving.http.server.HttpFront, when config.http_port is set
         self.metrics_port = 0        # the standalone /metrics port, when config.metrics_port is set
@@ -243,6 +250,15 @@ class GenerationServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    def _binding(self, engine) -> placement.Binding | None:
+        """CPU engines only: the engine thread's torch threads decide how many cores it keeps."""
+        import torch
+
+        if not str(engine.info.device).startswith("cpu"):
+            return None
+        plan = placement.plan(self.config.cpu_bind, torch.get_num_threads())
+        return placement.Binding(plan) if plan is not None else None
+
     def start(self) -> int:
         """Bind, start the engine thread and the server, report SERVING; return the bound port."""
         where = f"{self.config.host}:{self.config.port}"
@@ -252,6 +268,8 @@ class GenerationServer:
             self.port = 0
         if self.port == 0:
             raise ConfigError("port", f"cannot bind {where}: the port is taken or the host is not local")
+        if self.binding is not None:
+            self.binding.bind_front()     # before any front thread starts: they inherit the front's cores
         self.loop.start()
         self._grpc.start()
         self._start_http()
@@ -303,6 +321,8 @@ class GenerationServer:
             self._metrics_httpd.shutdown()
         self._grpc.stop(grace).wait()
         self.loop.stop()
+        if self.binding is not None:
+            self.binding.restore()
         self._done.set()
 
     def _set_health(self, status) -> None:
