@@ -94,7 +94,11 @@ class Binding:
         log.info("cpu placement: %s", self.placement.describe())
 
     def bind_engine(self) -> None:
-        os.sched_setaffinity(0, self.placement.engine)
+        try:
+            os.sched_setaffinity(0, self.placement.engine)
+        except OSError as err:       # the cpuset changed since the plan: serve unbound rather than not at all
+            log.warning("cpu placement: cannot bind the engine thread to cpu %s (%s); it runs unbound",
+                        _ranges(self.placement.engine), err)
 
     def restore(self) -> None:
         saved, self._saved = self._saved, {}
