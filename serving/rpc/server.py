@@ -251,10 +251,11 @@ class GenerationServer:
         return f"{self.config.host}:{self.port}"
 
     def _binding(self, engine) -> placement.Binding | None:
-        """CPU engines only: the engine thread's torch threads decide how many cores it keeps."""
+        """CPU engines of one rank only (TP ranks share the cores): the engine thread's torch threads
+        decide how many cores it keeps."""
         import torch
 
-        if not str(engine.info.device).startswith("cpu"):
+        if not str(engine.info.device).startswith("cpu") or getattr(engine.info, "tensor_parallel", 1) > 1:
             return None
         plan = placement.plan(self.config.cpu_bind, torch.get_num_threads())
         return placement.Binding(plan) if plan is not None else None

@@ -104,3 +104,21 @@ def test_an_in_process_server_binds_nothing_unless_asked(tinystories_path):
     engine = LLMEngine(EngineConfig(model=str(tinystories_path), device="cpu", token_budget=64))
     server = GenerationServer(engine, ServerConfig(host="127.0.0.1", port=0), model_name="tinystories")
     assert server.binding is None
+
+
+@pytest.mark.slow
+@linux
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding needs two cores")
+def test_a_tensor_parallel_rank_0_never_binds_alone(tinystories_path):
+    from serving.parallel.serve import build_tp_engine
+
+    threads = torch.get_num_threads()
+    engine = build_tp_engine(EngineConfig(model=str(tinystories_path), device="cpu", token_budget=64), 2)
+    try:
+        assert torch.get_num_threads() < len(os.sched_getaffinity(0))    # auto alone would bind rank 0
+        server = GenerationServer(engine, ServerConfig(host="127.0.0.1", port=0, cpu_bind="auto"),
+                                  model_name="tinystories")
+        assert server.binding is None          # the other ranks run on the same cores, unbound
+    finally:
+        engine.runner.shutdown()
+        torch.set_num_threads(threads)
