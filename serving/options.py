@@ -134,10 +134,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if (args.replicas > 1 or args.tp > 1) and (args.http_port is not None or args.metrics_port is not None):
             raise ConfigError("http_port" if args.http_port is not None else "metrics_port",
                               "the HTTP front and /metrics need --tp 1 --replicas 1 (for now)")
-        if args.replicas > 1 or args.tp > 1:
-            if server_config.cpu_bind not in ("auto", "off"):
-                raise ConfigError("cpu_bind", "a core list needs --tp 1 --replicas 1 (ranks and replicas would share it)")
-            server_config.cpu_bind = "off"
+        if (args.replicas > 1 or args.tp > 1) and server_config.cpu_bind not in ("auto", "off"):
+            # auto binds nothing there: a TP rank 0 never binds (GenerationServer), replicas start with it off
+            raise ConfigError("cpu_bind", "a core list needs --tp 1 --replicas 1 (ranks and replicas would share it)")
         if args.replicas > 1:
             from serving.fleet.replicas import serve_replicas
 
