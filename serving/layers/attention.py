@@ -157,8 +157,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    paged_kernel.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
     num_decode = meta.decode_token_index.numel()
     if num_decode == num_tokens:

@@ -56,3 +56,22 @@ def test_head_sizes_off_the_vector_width_keep_the_pytorch_path():
     for head_dim in (8, 24, 80 + 1, 144):
         assert not paged_kernel.available(torch.device("cpu"), torch.float32, head_dim=head_dim)
     assert not paged_kernel.available(torch.device("cpu"), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_puts_views_of_the_qkv_product_where_index_copy_does(dtype):
+    torch.manual_seed(0)
+    tokens, kv_heads, head_dim = 7, 4, 16
+    qkv = torch.randn(tokens, (8 + 2 * kv_heads) * head_dim, dtype=dtype)
+    k = qkv[:, 8 * head_dim:(8 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)   # strided rows
+    v = qkv[:, (8 + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    slots = torch.tensor([3, 17, 0, 40, 41, 63, 5])
+    fast = torch.randn(2, 4, 16, kv_heads, head_dim, dtype=dtype)
+    slow = fast.clone()
+    paged_kernel.write_kv(k, v, fast[0], fast[1], slots)
+    for cache, new in ((slow[0], k), (slow[1], v)):
+        cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, new)
+    assert torch.equal(fast, slow)
+    with pytest.raises(RuntimeError, match="out of the cache"):
+        paged_kernel.write_kv(k, v, fast[0], fast[1], torch.tensor([3, 17, 0, 40, 41, 64, 5]))
+    assert torch.equal(fast, slow)                    # a bad slot is refused before anything is written
