@@ -201,8 +201,8 @@ static void decode_seq(const T* q, const T* kc, const T* vc, const int64_t* tabl
 }
 
 template <int NV16, typename T>
-static void decode_all(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens, T* out,
-                       int64_t B, int64_t H, int64_t Hkv, int64_t bs, int64_t max_blocks, int64_t block_stride,
+static void decode_all(const T* q, int64_t qs, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens,
+                       T* out, int64_t B, int64_t H, int64_t Hkv, int64_t bs, int64_t max_blocks, int64_t block_stride,
                        int64_t token_stride, float scale) {
   constexpr int NV = NV16 * 2;
   constexpr int64_t D = NV * W;
@@ -223,7 +223,7 @@ static void decode_all(const T* q, const T* kc, const T* vc, const int64_t* tabl
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     Scratch w;
     for (int64_t b = first[part_begin]; b < first[part_end]; ++b) {
-      const T* qb = q + b * H * D;
+      const T* qb = q + b * qs;
       T* ob = out + b * H * D;
       const int64_t* table = tables + b * max_blocks;
 #define TANDEM_SEQ(GH) decode_seq<GH, NV, T>(qb, kc, vc, table, lens[b], ob, H, Hkv, bs, block_stride, token_stride, scale, w)
@@ -238,11 +238,12 @@ static void decode_all(const T* q, const T* kc, const T* vc, const int64_t* tabl
   });
 }
 
-// q [B, H, D] contiguous; k_cache, v_cache [num_blocks, block_size, Hkv, D] (last two dims contiguous);
+// q [B, H, D] with rows [H, D] contiguous (a view of the q|k|v product is fine);
+// k_cache, v_cache [num_blocks, block_size, Hkv, D] (last two dims contiguous);
 // block_tables [B, max_blocks] int64; context_lens [B] int64 (>= 1); D a multiple of 16, at most 128.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [B, H, D]");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [B, H, D], rows contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.strides() == v_cache.strides(), "caches must be [N, bs, Hkv, D] alike");
   TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3), "cache rows must be contiguous");
   TORCH_CHECK(block_tables.dtype() == torch::kInt64 && block_tables.is_contiguous(), "block_tables: int64 [B, M]");
@@ -252,18 +253,20 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(2), bs = k_cache.size(1);
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "head counts / head_dim do not match the cache");
   TORCH_CHECK(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({B, H, D}, q.options());
   const float s = static_cast<float>(scale);
 #define TANDEM_DECODE(NV)                                                                                       \
   case NV:                                                                                                      \
     if (q.scalar_type() == torch::kFloat32)                                                                     \
-      decode_all<NV, float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),          \
-                            block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),                 \
+      decode_all<NV, float>(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(),                        \
+                            v_cache.data_ptr<float>(), block_tables.data_ptr<int64_t>(),                        \
+                            context_lens.data_ptr<int64_t>(),                                                   \
                             out.data_ptr<float>(), B, H, Hkv, bs, block_tables.size(1), k_cache.stride(0),      \
                             k_cache.stride(1), s);                                                              \
     else                                                                                                        \
-      decode_all<NV, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),             \
-                                    v_cache.data_ptr<c10::BFloat16>(), block_tables.data_ptr<int64_t>(),         \
+      decode_all<NV, c10::BFloat16>(q.data_ptr<c10::BFloat16>(), q.stride(0),                                   \
+                                    k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),        \
+                                    block_tables.data_ptr<int64_t>(),                                            \
                                     context_lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), B, H, Hkv,  \
                                     bs, block_tables.size(1), k_cache.stride(0), k_cache.stride(1), s);          \
     break;
@@ -335,4 +338,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D], attending each row to its first context_lens[b] cached positions."""
-    return cpu_extension.load().paged_decode(q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale)
+    if q.stride(-1) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    return cpu_extension.load().paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -67,10 +67,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, rope, meta, kv_cache):
-        h = self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
-        x, h = self.post_attention_layernorm(h, residual=x)      # the residual add and the norm in one pass
-        return x + self.mlp(h)
+    def forward(self, x, residual, rope, meta, kv_cache):
+        """x: the previous layer's MLP output (the embeddings for the first layer, with residual None).
+        Returns this layer's MLP output and the residual stream before it: the next norm adds the two, in
+        the same pass (as torch would, x + mlp, one rounded add), so no layer spends a pass on the add."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm(x, residual=residual)
+        h = self.self_attn(h, rope, meta, kv_cache)
+        residual, h = self.post_attention_layernorm(h, residual=residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -110,6 +117,7 @@ class LlamaForCausalLM(CausalLM):
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb.lookup(positions)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, rope, meta, kv_cache)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, meta, kv_cache)
+        return self.model.norm(x) if residual is None else self.model.norm(x, residual=residual)[1]

@@ -75,3 +75,18 @@ def test_write_kv_puts_views_of_the_qkv_product_where_index_copy_does(dtype):
     with pytest.raises(RuntimeError, match="out of the cache"):
         paged_kernel.write_kv(k, v, fast[0], fast[1], torch.tensor([3, 17, 0, 40, 41, 64, 5]))
     assert torch.equal(fast, slow)                    # a bad slot is refused before anything is written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_reads_q_as_a_view_of_the_qkv_product(dtype):
+    torch.manual_seed(0)
+    batch, heads, kv_heads, head_dim, block_size = 5, 8, 4, 64, 16
+    cache = torch.randn(2, 12, block_size, kv_heads, head_dim, dtype=dtype)
+    tables = torch.randperm(12)[:10].view(5, 2)
+    lens = torch.tensor([1, 17, 32, 9, 25])
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q = qkv[:, :heads * head_dim].view(batch, heads, head_dim)             # row stride of the whole product
+    assert not q.is_contiguous()
+    got = paged_kernel.paged_decode(q, cache[0], cache[1], tables, lens, 0.125)
+    want = paged_kernel.paged_decode(q.contiguous(), cache[0], cache[1], tables, lens, 0.125)
+    assert torch.equal(got, want) and got.is_contiguous()
