@@ -157,7 +157,8 @@ class ModelRunner:
                 logit_rows.append(len(token_ids) - 1)
         if positions and max(positions) >= self.info.max_model_len:
             raise ValueError(f"position {max(positions)} exceeds max_model_len {self.info.max_model_len}")
-        meta = AttentionMetadata.build(chunks, self.block_size, device, self.info.dtype, self.info.head_dim)
+        meta = AttentionMetadata.build(chunks, self.block_size, device, self.info.dtype, self.info.head_dim,
+                                      self.info.num_kv_heads)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         position_ids = torch.tensor(positions, dtype=torch.long, device=device)
         hidden = self.model(input_ids, position_ids, meta, self.kv_caches)

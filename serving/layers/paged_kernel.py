@@ -12,7 +12,8 @@ every layer and step, which on CPU costs more than the attention itself. Against
 8 heads of a row at once, token by token: 64 running sums, which spilled), with cache-resident rows 1.5x
 (fp32) and 1.3x (bf16) faster; out of cache it is bound by memory, as the workload is: 10-11 GB/s from
 DRAM on one core, the 32M Llama's bf16 decode attention 9% faster. The sequences are split between
-threads by their cached rows, not their count.
+threads by their cached rows, not their count. A row need not be a decode: attention.py also hands it
+the tokens of short prompt chunks, one row each, attending to the positions up to its own.
 fp32 and bf16 (scores and sums are fp32; bf16 values are widened as they are read, and on a CPU with
 AVX512-BF16 the key rows are not: VDPBF16PS multiplies bf16 pairs exactly into fp32, which made the bf16
 kernel 1.36x faster at batch 64, D=64, and the 32M Llama's bf16 workload 1242 -> 1585-1617 tok/s on 1 thread;

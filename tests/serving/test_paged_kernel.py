@@ -14,25 +14,29 @@ pytestmark = pytest.mark.skipif(not paged_kernel.available(torch.device("cpu"), 
                                 reason="the paged decode kernel could not be built here (no compiler?)")
 
 
-def _metadata(chunks, block_size, dtype, kernel: bool):
+def _metadata(chunks, block_size, dtype, kernel: bool, head_dim=None, kv_heads=None):
     real = paged_kernel.available
     paged_kernel.available = real if kernel else (lambda *a, **k: False)
     try:
-        return attention.AttentionMetadata.build(chunks, block_size, torch.device("cpu"), dtype)
+        return attention.AttentionMetadata.build(chunks, block_size, torch.device("cpu"), dtype, head_dim, kv_heads)
     finally:
         paged_kernel.available = real
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (8, 2, 48), (8, 4, 16), (2, 1, 128), (12, 4, 16)])
-def test_kernel_matches_the_gathered_path_with_mixed_chunks(dtype, heads, kv_heads, head_dim):
+def test_kernel_matches_the_gathered_path_with_mixed_chunks(dtype, heads, kv_heads, head_dim, monkeypatch):
+    # prompt chunks whose context's keys and values fit in 300 positions are the kernel's, row by row
+    monkeypatch.setattr(attention, "KERNEL_PREFILL_BYTES", 300 * 2 * kv_heads * head_dim * dtype.itemsize)
     rng = random.Random(0)
     torch.manual_seed(0)
     block_size, num_blocks = 16, 128
     free = list(range(num_blocks))
     rng.shuffle(free)
     chunks, tokens = [], 0
-    for seq, (n, start) in enumerate([(1, 0), (1, 15), (1, 16), (5, 40), (1, 200), (1, 77), (9, 0), (1, 31)]):
+    # two short prompt pieces, and one whose context (424 positions) SDPA keeps
+    for seq, (n, start) in enumerate([(1, 0), (1, 15), (1, 16), (5, 40), (1, 200), (24, 400), (1, 77), (9, 0),
+                                      (1, 31)]):
         need = (start + n + block_size - 1) // block_size
         table, free = free[:need], free[need:]
         chunks.append(ScheduledChunk(seq, [1] * n, start, table, True))
@@ -41,9 +45,11 @@ def test_kernel_matches_the_gathered_path_with_mixed_chunks(dtype, heads, kv_hea
     q = torch.randn(tokens, heads, head_dim, dtype=dtype)
     k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype)
     v = torch.randn(tokens, kv_heads, head_dim, dtype=dtype)
-    fast = _metadata(chunks, block_size, dtype, kernel=True)
-    slow = _metadata(chunks, block_size, dtype, kernel=False)
-    assert fast.decode_tables is not None and not fast.decode_buckets and slow.decode_tables is None
+    fast = _metadata(chunks, block_size, dtype, kernel=True, head_dim=head_dim, kv_heads=kv_heads)
+    slow = _metadata(chunks, block_size, dtype, kernel=False, head_dim=head_dim, kv_heads=kv_heads)
+    assert fast.row_tables is not None and not fast.decode_buckets and slow.row_tables is None
+    assert [p.start_pos for p in fast.prefills] == [400] and len(slow.prefills) == 3
+    assert fast.row_index.numel() == tokens - 24 and not fast.rows_are_prefix
     out_fast = attention.paged_attention(q, k, v, cache.clone(), fast)
     out_slow = attention.paged_attention(q, k, v, cache.clone(), slow)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
