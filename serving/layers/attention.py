@@ -128,9 +128,10 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _row_tables(chunks: list[ScheduledChunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block tables padded to the longest (the padding is never read) and the positions each row attends to,
-    for the kernel: one row per token, token i of a chunk attending to its first start_pos + i + 1 positions."""
-    lens = np.concatenate([np.arange(c.start_pos + 1, c.start_pos + c.num_tokens + 1) for c in chunks])
+    """Block tables padded to the longest (the padding is never read) and the positions each row attends to:
+    one row per token, token i of a chunk attending to its first start_pos + i + 1 positions."""
+    lens = np.array([p for c in chunks for p in range(c.start_pos + 1, c.start_pos + c.num_tokens + 1)],
+                    dtype=np.int64)
     width = (int(lens.max()) + block_size - 1) // block_size
     tables = np.zeros((len(lens), width), dtype=np.int64)
     row = 0
@@ -149,24 +150,18 @@ def _decode_buckets(chunks: list[ScheduledChunk], block_size: int, device: torch
     context = np.array([c.start_pos + 1 for c in chunks], dtype=np.int64)
     count = max(1, min(MAX_DECODE_BUCKETS, len(chunks) // DECODES_PER_BUCKET))
     if count == 1:
-        return [_decode_bucket(chunks, context, None, block_size, device, dtype)]
+        return [_decode_bucket(chunks, None, block_size, device, dtype)]
     order = np.argsort(context, kind="stable")
-    return [_decode_bucket([chunks[i] for i in rows], context[rows], torch.from_numpy(rows).to(device),
-                           block_size, device, dtype)
+    return [_decode_bucket([chunks[i] for i in rows], torch.from_numpy(rows).to(device), block_size, device, dtype)
             for rows in np.array_split(order, count)]
 
 
-def _decode_bucket(chunks: list[ScheduledChunk], context: np.ndarray, rows: torch.Tensor | None,
-                   block_size: int, device: torch.device, dtype: torch.dtype) -> DecodeBucket:
-    """Padded block tables and the key mask of one bucket."""
-    blocks = (context + block_size - 1) // block_size
-    tables = np.zeros((len(chunks), int(blocks.max())), dtype=np.int64)
-    for row, (chunk, n) in enumerate(zip(chunks, blocks.tolist())):
-        tables[row, :n] = chunk.block_table[:n]
-    keys = np.arange(tables.shape[1] * block_size)
-    mask = keys[None, :] < context[:, None]
-    return DecodeBucket(rows, torch.from_numpy(tables.reshape(-1)).to(device),
-                        _additive(torch.from_numpy(mask).to(device), dtype).view(len(chunks), 1, 1, -1))
+def _decode_bucket(chunks: list[ScheduledChunk], rows: torch.Tensor | None, block_size: int, device: torch.device,
+                   dtype: torch.dtype) -> DecodeBucket:
+    """Padded block tables (the kernel's) and the key mask of one bucket."""
+    tables, context = _row_tables(chunks, block_size)
+    mask = torch.arange(tables.shape[1] * block_size)[None, :] < context[:, None]
+    return DecodeBucket(rows, tables.reshape(-1).to(device), _additive(mask.to(device), dtype).view(len(chunks), 1, 1, -1))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

@@ -133,6 +133,12 @@ _module = None
 _failed = False
 
 
+def rows_contiguous(*tensors) -> bool:
+    """Each [T, H, D] tensor's [H, D] rows are contiguous, the layout the kernels read (any row stride, so
+    the views of one fused q|k|v product qualify)."""
+    return all(t.stride(-1) == 1 and t.stride(1) == t.shape[2] for t in tensors)
+
+
 def _cpu_tag() -> str:
     """A short hash of this CPU's model and feature flags (a -march=native build runs only where it was built)."""
     try:

@@ -233,8 +233,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE of q [T, H, D] and k [T, Hkv, D] with cos/sin [T, 1, D]; in place when the kernel serves it."""
-    if _usable(q) and q.stride(-1) == 1 and k.stride(-1) == 1 and q.stride(1) == q.shape[2] \
-            and k.stride(1) == k.shape[2] and cos.dtype == q.dtype and k.dtype == q.dtype:
+    if _usable(q) and cpu_extension.rows_contiguous(q, k) and cos.dtype == q.dtype and k.dtype == q.dtype:
         cpu_extension.load().rope_(q, k, cos.reshape(cos.shape[0], -1).contiguous(),
                                    sin.reshape(sin.shape[0], -1).contiguous())
         return q, k

@@ -327,8 +327,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """Write k/v [T, Hkv, D] into their cache slots: one C++ pass where the kernel serves these tensors, else
     two index_copy_ calls (each of which costs ~20 us of dispatch on CPU, twice per layer and step)."""
     if ENABLED and k.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16) and \
-            k.stride(-1) == 1 and k.stride(1) == k.shape[2] and v.stride(-1) == 1 and v.stride(1) == v.shape[2] \
-            and k_cache.is_contiguous() and cpu_extension.load() is not None:
+            cpu_extension.rows_contiguous(k, v) and k_cache.is_contiguous() and cpu_extension.load() is not None:
         cpu_extension.load().write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
@@ -339,6 +338,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D], attending each row to its first context_lens[b] cached positions."""
-    if q.stride(-1) != 1 or q.stride(1) != q.shape[2]:
+    if not cpu_extension.rows_contiguous(q):
         q = q.contiguous()
     return cpu_extension.load().paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
